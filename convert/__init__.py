@@ -1,0 +1,22 @@
+"""The diffusers <-> Flax NNX bridge. Torch is imported only for opt-in pickled weights.
+
+from convert import load_transformer, export_transformer
+model = load_transformer("flux-dev")          # local folder, HF cache entry or short name
+export_transformer(model, "out/transformer")  # diffusers-loadable safetensors + config.json
+"""
+
+from convert.loader import export_model, export_transformer, load_model, load_transformer
+from convert.resolve import SHORT_NAMES, ModelNotFoundError, resolve
+from convert.safetensors_io import Checkpoint, CheckpointError
+
+__all__ = [
+    "SHORT_NAMES",
+    "Checkpoint",
+    "CheckpointError",
+    "ModelNotFoundError",
+    "export_model",
+    "export_transformer",
+    "load_model",
+    "load_transformer",
+    "resolve",
+]

@@ -1,0 +1,1 @@
+"""One module per model family, each exporting `SPECS: list[convert.registry.ModelSpec]`."""

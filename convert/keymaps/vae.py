@@ -1,0 +1,17 @@
+"""diffusers AutoencoderKL (FLUX / SD VAEs): module names mirror diffusers, no key renames.
+
+config.json is read strictly (every field is an `AutoencoderKLConfig` field) and written back
+with all fields, so `convert.export_model` output loads with `AutoencoderKL.from_pretrained`.
+"""
+
+from convert.registry import ModelSpec
+from pqjax.models.vae import AutoencoderKL, AutoencoderKLConfig
+
+SPECS = [
+    ModelSpec(
+        "AutoencoderKL",
+        AutoencoderKL,
+        AutoencoderKLConfig,
+        weights_name="diffusion_pytorch_model",
+    )
+]

@@ -1,0 +1,158 @@
+"""Load a diffusers / transformers component folder into an NNX model; export one back.
+
+model = load_transformer("flux-dev", dtype=jnp.bfloat16)   # or a local path
+export_transformer(model, "out/transformer")               # diffusers can load it
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from convert import bridge, registry
+from convert.resolve import resolve
+from convert.safetensors_io import Checkpoint, CheckpointError, TensorSpec, write_safetensors
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+class WeightSource(Protocol):
+    def keys(self) -> list[str]: ...
+    def read(self, key: str) -> np.ndarray: ...
+    def file_of(self, key: str) -> Path: ...
+
+
+def open_weights(folder: Path, weights_name: str, *, allow_pickle: bool = False) -> WeightSource:
+    """The checkpoint in `folder`: sharded index, single safetensors, or (opt-in) pickle."""
+    for candidate in (f"{weights_name}.safetensors.index.json", f"{weights_name}.safetensors"):
+        if (folder / candidate).is_file():
+            return Checkpoint.open(folder / candidate)
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    singles = sorted(folder.glob("*.safetensors"))
+    if len(indexes) == 1:
+        return Checkpoint.open(indexes[0])
+    if len(singles) == 1 and not indexes:
+        return Checkpoint.open(singles[0])
+    if indexes or singles:
+        raise CheckpointError(
+            f"{folder}: several checkpoints and none named {weights_name}.safetensors: "
+            f"{[p.name for p in indexes + singles]}"
+        )
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{folder}: only pickled weights ({', '.join(p.name for p in pickles)}). Pickles "
+                "can run code when loaded; pass allow_pickle=True to load them with torch's "
+                "weights_only=True, or convert them to safetensors first."
+            )
+        from convert.pickled import PickledCheckpoint
+
+        return PickledCheckpoint(pickles)
+    raise CheckpointError(f"{folder}: no weights found (*.safetensors, *.safetensors.index.json)")
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: missing") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+def class_name_of(raw: dict[str, Any], source: str) -> str:
+    if "_class_name" in raw:
+        return raw["_class_name"]
+    if raw.get("architectures"):
+        return raw["architectures"][0]
+    raise CheckpointError(f"{source}: no _class_name or architectures field")
+
+
+def load_model(
+    folder: str | os.PathLike, *, dtype: Any = jnp.float32, allow_pickle: bool = False
+) -> nnx.Module:
+    """Build the model `folder/config.json` describes and fill it from the folder's weights."""
+    folder = Path(folder)
+    raw = read_config(folder)
+    source = str(folder / "config.json")
+    spec = registry.spec_for_class_name(class_name_of(raw, source), source)
+    config = spec.parse(raw, source)
+    weights = open_weights(folder, spec.weights_name, allow_pickle=allow_pickle)
+    model = nnx.eval_shape(lambda: spec.module(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    return bridge.load_params(
+        model, weights.read, weights.keys(), dtype=dtype, where=lambda k: str(weights.file_of(k))
+    )
+
+
+def load_transformer(
+    path_or_name: str | os.PathLike,
+    dtype: Any = jnp.float32,
+    *,
+    allow_pickle: bool = False,
+    subfolder: str = "transformer",
+) -> nnx.Module:
+    """The NNX transformer of a diffusers model folder, HF cache entry or short name."""
+    return load_model(resolve(path_or_name, subfolder), dtype=dtype, allow_pickle=allow_pickle)
+
+
+def export_model(
+    model: nnx.Module,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: Any | None = None,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write `config.json` and safetensors (sharded above `max_shard_bytes`) in torch layout."""
+    spec = registry.spec_for_model(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specs, get = bridge.export_arrays(model, None if dtype is None else np.dtype(dtype))
+    tensors = [TensorSpec(k, s, d) for k, s, d in specs]
+    shards = _shard(tensors, max_shard_bytes)
+    name = spec.weights_name
+    if len(shards) == 1:
+        write_safetensors(out / f"{name}.safetensors", shards[0], get)
+    else:
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards, 1):
+            fname = f"{name}-{i:05d}-of-{len(shards):05d}.safetensors"
+            total += write_safetensors(out / fname, shard, get)
+            weight_map.update({t.key: fname for t in shard})
+        _write_json(
+            out / f"{name}.safetensors.index.json",
+            {"metadata": {"total_size": total}, "weight_map": weight_map},
+        )
+    _write_json(out / "config.json", spec.dump(model.config))
+    return out
+
+
+export_transformer = export_model
+
+
+def _shard(tensors: list[TensorSpec], max_bytes: int | None) -> list[list[TensorSpec]]:
+    if not max_bytes:
+        return [tensors]
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for t in tensors:
+        nbytes = int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += nbytes
+    return shards
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)

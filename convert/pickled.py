@@ -1,0 +1,58 @@
+"""Opt-in reader for pickled torch checkpoints (`.bin`, `.pt`), with `weights_only=True`.
+
+Only reached when the caller passes `allow_pickle=True`; torch is imported here and nowhere
+else in the loading path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from convert.safetensors_io import CheckpointError
+
+
+def _to_numpy(t) -> np.ndarray:
+    import torch
+
+    t = t.detach().cpu().contiguous()
+    views = {
+        torch.bfloat16: (torch.int16, ml_dtypes.bfloat16),
+        torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn),
+        torch.float8_e5m2: (torch.uint8, ml_dtypes.float8_e5m2),
+    }
+    if t.dtype in views:
+        raw, target = views[t.dtype]
+        return t.view(raw).numpy().view(target)
+    return t.numpy()
+
+
+class PickledCheckpoint:
+    """A set of pickled state dicts, loaded lazily one file at a time."""
+
+    def __init__(self, files: list[Path]):
+        import torch
+
+        self._tensors: dict[str, object] = {}
+        self._file: dict[str, Path] = {}
+        for path in files:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # torch raises many types for bad pickles
+                raise CheckpointError(f"{path}: cannot load with weights_only=True: {e}") from e
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
+            for key, value in state.items():
+                self._tensors[key] = value
+                self._file[key] = path
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def read(self, key: str) -> np.ndarray:
+        return _to_numpy(self._tensors[key])
+
+    def file_of(self, key: str) -> Path:
+        return self._file[key]

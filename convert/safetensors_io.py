@@ -1,0 +1,236 @@
+"""Streaming safetensors I/O with numpy + ml_dtypes (no torch).
+
+Reads one tensor at a time from a single file or a sharded checkpoint
+(`*.safetensors.index.json`), so converting never holds two copies of a model. Every error
+names the file and, where there is one, the tensor key.
+
+Format (https://github.com/huggingface/safetensors): 8-byte little-endian header length N,
+N bytes of JSON `{key: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}`,
+then the byte buffer; offsets are relative to the buffer start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read as it claims to be; the message names file and key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    key: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+    path: Path
+
+
+class SafetensorsFile:
+    """One `.safetensors` file: parses and validates the header; reads tensors on demand."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: no such file")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(
+                    f"{self.path}: truncated: {size} bytes, no safetensors header"
+                )
+            (n,) = struct.unpack("<Q", head)
+            if n > min(_MAX_HEADER, size - 8):
+                raise CheckpointError(
+                    f"{self.path}: corrupted or truncated: header claims {n} bytes, file has {size}"
+                )
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{self.path}: corrupted header JSON: {e}") from e
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: corrupted header: not a JSON object")
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        data_start = 8 + n
+        self.tensors: dict[str, TensorInfo] = {}
+        for key, entry in header.items():
+            self.tensors[key] = self._info(key, entry, data_start, size)
+
+    def _info(self, key: str, entry: dict, data_start: int, size: int) -> TensorInfo:
+        try:
+            dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"{self.path}: key {key!r}: malformed header entry {entry!r}"
+            ) from e
+        if dtype_name not in DTYPES:
+            raise CheckpointError(
+                f"{self.path}: key {key!r}: unsupported dtype {dtype_name!r}; "
+                f"supported: {sorted(DTYPES)}"
+            )
+        dtype = DTYPES[dtype_name]
+        shape = tuple(int(s) for s in shape)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if end - begin != nbytes or begin < 0:
+            raise CheckpointError(
+                f"{self.path}: key {key!r}: data_offsets {begin}..{end} do not hold "
+                f"{dtype_name} {list(shape)} ({nbytes} bytes)"
+            )
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{self.path}: truncated: key {key!r} ends at byte {data_start + end}, "
+                f"file has {size} bytes"
+            )
+        return TensorInfo(key, dtype, shape, data_start + begin, data_start + end, self.path)
+
+    def read(self, key: str) -> np.ndarray:
+        """The tensor `key` as a fresh numpy array in its stored dtype."""
+        info = self.tensors[key]
+        buf = bytearray(info.end - info.begin)
+        with open(self.path, "rb") as f:
+            f.seek(info.begin)
+            if f.readinto(buf) != len(buf):
+                raise CheckpointError(f"{self.path}: truncated while reading key {key!r}")
+        return np.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+
+class Checkpoint:
+    """A set of tensors spread over one or more safetensors files, read one at a time."""
+
+    def __init__(self, files: list[SafetensorsFile], source: Path):
+        self.source = source
+        self._where: dict[str, SafetensorsFile] = {}
+        for f in files:
+            for key in f.tensors:
+                if key in self._where:
+                    raise CheckpointError(
+                        f"{f.path}: key {key!r} also stored in {self._where[key].path}"
+                    )
+                self._where[key] = f
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Checkpoint:
+        """A `.safetensors` file or a `*.safetensors.index.json` of shards."""
+        path = Path(path)
+        if path.name.endswith(".index.json"):
+            return cls._open_index(path)
+        return cls([SafetensorsFile(path)], path)
+
+    @classmethod
+    def _open_index(cls, index: Path) -> Checkpoint:
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+        shards = {}
+        for name in sorted(set(weight_map.values())):
+            shard = index.parent / name
+            if not shard.is_file():
+                raise CheckpointError(f"{index}: shard {name!r} is missing (looked for {shard})")
+            shards[name] = SafetensorsFile(shard)
+        ckpt = cls(list(shards.values()), index)
+        for key, name in weight_map.items():
+            if key not in shards[name].tensors:
+                raise CheckpointError(
+                    f"{index}: key {key!r} is listed in {name} but not stored there"
+                )
+        return ckpt
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def info(self, key: str) -> TensorInfo:
+        return self._where[key].tensors[key]
+
+    def file_of(self, key: str) -> Path:
+        return self._where[key].path
+
+    def read(self, key: str) -> np.ndarray:
+        return self._where[key].read(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    key: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    specs: Iterable[TensorSpec],
+    get: Callable[[str], np.ndarray],
+    metadata: dict[str, str] | None = None,
+) -> int:
+    """Write tensors one at a time; `get(key)` produces each array when its turn comes.
+
+    Writes to a temporary name and renames, so a crash never leaves a half-written file.
+    Returns the number of bytes written.
+    """
+    path = Path(path)
+    specs = list(specs)
+    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for s in specs:
+        if np.dtype(s.dtype) not in DTYPE_NAMES:
+            raise CheckpointError(f"{path}: key {s.key!r}: dtype {s.dtype} has no safetensors name")
+        nbytes = int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize
+        header[s.key] = {
+            "dtype": DTYPE_NAMES[np.dtype(s.dtype)],
+            "shape": list(s.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # 8-byte alignment of the buffer, as the reference writer does
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for s in specs:
+            arr = np.ascontiguousarray(get(s.key))
+            if arr.shape != tuple(s.shape) or arr.dtype != np.dtype(s.dtype):
+                raise CheckpointError(
+                    f"{path}: key {s.key!r}: got {arr.dtype} {arr.shape}, declared "
+                    f"{np.dtype(s.dtype)} {tuple(s.shape)}"
+                )
+            f.write(arr.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return 8 + len(blob) + offset
