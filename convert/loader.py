@@ -87,9 +87,30 @@ def load_model(
     config = spec.parse(raw, source)
     weights = open_weights(folder, spec.weights_name, allow_pickle=allow_pickle)
     model = nnx.eval_shape(lambda: spec.module(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    origin = _model_keys(weights.keys(), spec)
     return bridge.load_params(
-        model, weights.read, weights.keys(), dtype=dtype, where=lambda k: str(weights.file_of(k))
+        model,
+        lambda k: weights.read(origin[k]),
+        list(origin),
+        dtype=dtype,
+        where=lambda k: str(weights.file_of(origin.get(k, k))),
     )
+
+
+def _model_keys(keys: list[str], spec: registry.ModelSpec) -> dict[str, str]:
+    """model key -> checkpoint key, after the family's renames; a collision is an error."""
+    renames = spec.map_keys(keys) if spec.map_keys is not None else {}
+    origin: dict[str, str] = {}
+    for key in keys:
+        target = renames.get(key, key)
+        if target is None:
+            continue
+        if target in origin:
+            raise CheckpointError(
+                f"checkpoint keys {origin[target]!r} and {key!r} both map to {target!r}"
+            )
+        origin[target] = key
+    return origin
 
 
 def load_transformer(

@@ -30,6 +30,9 @@ class ModelSpec:
     ignore: tuple[str, ...] = ()
     read_config: Callable[[dict[str, Any], str], Any] | None = None
     write_config: Callable[[Any], dict[str, Any]] | None = None
+    # All checkpoint keys -> {checkpoint key: model key, or None to skip} for keys that differ
+    # (older or newer naming of the same weights).
+    map_keys: Callable[[list[str]], dict[str, str | None]] | None = None
 
     def parse(self, raw: dict[str, Any], source: str) -> Any:
         if self.read_config is not None:
