@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -12,6 +13,19 @@ import numpy as np
 from flax import nnx
 
 from pqjax.models.layers import Linear, silu
+
+
+@functools.lru_cache(maxsize=16)
+def sinusoid_frequencies(half: int, max_period: float, shift: float) -> np.ndarray:
+    """`exp(-log(max_period) * i / (half - shift))` `(half,)` float32, computed on the host.
+
+    torch's float32 exponent, then a correctly rounded exp: at timestep * 1000 (~1e3 rad) one
+    ulp of a frequency moves sin by ~6e-5, and XLA's expf differs from torch's in ~1 of 8
+    entries; a constant table removes that source of mismatch on every backend.
+    """
+    arg = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)
+    arg = arg / np.float32(half - shift)
+    return np.exp(arg.astype(np.float64)).astype(np.float32)
 
 
 def timestep_embedding(
@@ -25,8 +39,7 @@ def timestep_embedding(
 ) -> jax.Array:
     """Sinusoidal embedding of fractional timesteps. timesteps: `(n,)` -> `(n, dim)` float32."""
     half = dim // 2
-    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
-    freqs = jnp.exp(exponent / (half - downscale_freq_shift))
+    freqs = jnp.asarray(sinusoid_frequencies(half, float(max_period), float(downscale_freq_shift)))
     args = scale * (timesteps.astype(jnp.float32)[:, None] * freqs[None, :])
     emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
     if flip_sin_to_cos:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pqjax.models.embeddings import timestep_embedding
 from pqjax.models.layers import Identity, LayerNorm, Linear, RMSNorm, attention, silu
 
 # diffusers' module constants: width of the timestep embedding fed to every AdaLN linear, and
@@ -62,23 +63,8 @@ class TimestepEmbedder(nnx.Module):
         )
 
     def __call__(self, t: jax.Array) -> jax.Array:
-        emb = timestep_sinusoid(t, FREQ_EMBED_DIM)
+        emb = timestep_embedding(t, FREQ_EMBED_DIM)  # [cos, sin], no shift
         return run_sequential(self.mlp, emb.astype(self.mlp[0].kernel.dtype))
-
-
-@functools.lru_cache(maxsize=4)
-def _sinusoid_freqs(half: int, max_period: float) -> np.ndarray:
-    # torch's float32 exponent, then a correctly rounded exp: at t * 1000 ~ 1e3 rad, one ulp of
-    # a frequency moves sin by ~6e-5, and XLA's expf differs from torch's in ~17 of 128 entries.
-    arg = np.float32(-np.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
-    return np.exp(arg.astype(np.float64)).astype(np.float32)
-
-
-def timestep_sinusoid(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
-    """diffusers' Z-Image `[cos, sin]` embedding of t `(n,)` -> `(n, dim)` float32."""
-    args = t.astype(jnp.float32)[:, None] * jnp.asarray(_sinusoid_freqs(dim // 2, max_period))
-    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-    return jnp.pad(emb, ((0, 0), (0, dim % 2)))
 
 
 @functools.lru_cache(maxsize=16)
