@@ -1,0 +1,126 @@
+"""Calibration: per-input-channel activation statistics of every Linear, jit-compiled.
+
+    calib = calibrate(model, batches, n_rows=256, seed=0)   # batches: model keyword inputs
+    calib["transformer_blocks.0.attn.to_q"].mean_sq          # (d_in,) mean of x^2 per channel
+
+Each Linear gets an observer for the duration of the run. Per input channel it accumulates
+the sum of x^2, the absmax and the row count in float32 (memory independent of the number of
+samples), and it keeps a uniform random sample of `n_rows` activation rows without
+replacement (bottom-k priority sampling: every row draws a uniform priority from a fixed-seed
+stream, the k smallest survive), which the acceptance rule evaluates errors on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from tqdm.auto import tqdm
+
+from pqjax.models.layers import Linear
+
+
+class Stat(nnx.Variable):
+    """Calibration state (not a parameter): never exported, never quantized."""
+
+
+class ChannelObserver(nnx.Module):
+    """Accumulates statistics of the rows `x.reshape(-1, d_in)` it is called with."""
+
+    def __init__(self, d_in: int, n_rows: int, key: jax.Array):
+        self.sum_sq = Stat(jnp.zeros((d_in,), jnp.float32))
+        self.absmax = Stat(jnp.zeros((d_in,), jnp.float32))
+        self.count = Stat(jnp.zeros((), jnp.float32))
+        self.rows = Stat(jnp.zeros((n_rows, d_in), jnp.float32))
+        self.priority = Stat(jnp.full((n_rows,), jnp.inf, jnp.float32))
+        self.calls = Stat(jnp.zeros((), jnp.uint32))
+        self.key = Stat(key)
+
+    def __call__(self, x: jax.Array) -> None:
+        rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+        self.sum_sq[...] += jnp.sum(jnp.square(rows), axis=0)
+        self.absmax[...] = jnp.maximum(self.absmax[...], jnp.max(jnp.abs(rows), axis=0))
+        self.count[...] += rows.shape[0]
+        prio = jax.random.uniform(jax.random.fold_in(self.key[...], self.calls[...]), (len(rows),))
+        self.calls[...] += 1
+        all_prio = jnp.concatenate([self.priority[...], prio])
+        keep = jax.lax.top_k(-all_prio, self.rows.shape[0])[1]
+        self.rows[...] = jnp.concatenate([self.rows[...], rows])[keep]
+        self.priority[...] = all_prio[keep]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerStats:
+    """Statistics of one Linear's input. Arrays `(d_in,)`; `rows` `(n, d_in)` sampled rows."""
+
+    mean_sq: jax.Array
+    absmax: jax.Array
+    count: int
+    rows: jax.Array
+
+
+Calibration = dict[str, LayerStats]
+
+
+def linears(model: nnx.Module) -> Iterator[tuple[str, Linear]]:
+    """(dotted path, Linear) for every Linear in `model`, in module-tree order."""
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, Linear):
+            yield ".".join(str(p) for p in path), node
+
+
+def calibrate(
+    model: nnx.Module,
+    batches: Iterable[dict[str, Any]],
+    *,
+    n_rows: int = 256,
+    seed: int = 0,
+    forward: Callable[..., Any] | None = None,
+    select: Callable[[str], bool] | None = None,
+    progress: bool = True,
+) -> Calibration:
+    """Run `forward(model, **batch)` (default `model(**batch)`) over `batches` and collect stats.
+
+    Observers attach to every Linear that `select(path)` accepts and are removed afterwards,
+    so `model` is unchanged. One compilation per distinct batch shape.
+    """
+    targets = [(p, m) for p, m in linears(model) if select is None or select(p)]
+    if not targets:
+        raise ValueError("calibrate: the model has no Linear layers to observe")
+    base = jax.random.key(seed)
+    for i, (_, lin) in enumerate(targets):
+        lin.observer = ChannelObserver(lin.in_features, n_rows, jax.random.fold_in(base, i))
+    fwd = forward or (lambda m, **kw: m(**kw))
+
+    @nnx.jit
+    def step(m: nnx.Module, batch: dict[str, Any]) -> None:
+        fwd(m, **batch)
+
+    try:
+        n = 0
+        for batch in tqdm(batches, desc="calibrate", unit="batch", disable=not progress):
+            step(model, batch)
+            n += 1
+        if n == 0:
+            raise ValueError("calibrate: no calibration batches were given")
+        out: Calibration = {}
+        for path, lin in targets:
+            obs = lin.observer
+            count = int(obs.count[...])
+            if count == 0:
+                continue  # a Linear the forward never reached (e.g. unused guidance embedder)
+            kept = min(count, obs.rows.shape[0])
+            out[path] = LayerStats(
+                mean_sq=obs.sum_sq[...] / count,
+                absmax=obs.absmax[...],
+                count=count,
+                rows=obs.rows[...][:kept],
+            )
+        return out
+    finally:
+        for _, lin in targets:
+            lin.observer = None

@@ -1,0 +1,166 @@
+"""The quantized linear: a packed weight, and input quantization per token group on the fly.
+
+    qlin = QuantLinear.from_linear(lin, weights=formats.get("nvfp4"), acts=formats.get("nvfp4"),
+                                   act_amax=calib_absmax.max())
+    y = qlin(x)                     # x (..., d_in) -> (..., d_out), same call as Linear
+
+Backends (one switch, `set_backend(model, name)`):
+- "xla"        fake-quantized activations and the dequantized packed weight in XLA (default);
+- "xla_packed" activations really packed to codes and unpacked again: bit-identical to "xla",
+               exercises the storage path;
+- "pallas"     the fused Pallas kernels (GPU), dispatched by `pallas_kernels`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pqjax import formats
+from pqjax.models.layers import Linear
+
+BACKENDS = ("xla", "xla_packed", "pallas")
+
+
+class QuantState(nnx.Variable):
+    """Packed quantized storage (codes, scales): saved and restored, never trained."""
+
+
+def _opt(value: Any) -> Any:
+    return nnx.data(None if value is None else QuantState(value))
+
+
+class QuantLinear(nnx.Module):
+    """y = Q_act(x) @ dequant(W_q) + bias, W_q stored as a packed `(d_out, d_in)` QTensor.
+
+    Optional extras set by methods: `low_rank` (a 16-bit branch x @ L1 @ L2 added to the
+    output, SVDQuant) and `input_transform` (a name of an online transform applied to x before
+    quantization, e.g. a block Hadamard; the weight holds its inverse).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        weight: formats.QTensor,
+        bias: jax.Array | None,
+        acts: formats.Format | None,
+        act_global_scale: jax.Array | None = None,
+        backend: str = "xla",
+        dtype: Any = jnp.float32,
+    ):
+        if weight.shape != (out_features, in_features):
+            raise ValueError(
+                f"weight QTensor shape {weight.shape} != {(out_features, in_features)}"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_fmt = weight.fmt
+        self.act_fmt = acts
+        self.codes = QuantState(weight.codes)
+        self.block_scale = QuantState(weight.block_scale)
+        self.global_scale = _opt(weight.global_scale)
+        self.zero_point = _opt(weight.zero_point)
+        self.act_global_scale = _opt(act_global_scale)
+        self.bias = nnx.data(None if bias is None else nnx.Param(bias))
+        self.low_rank_down = nnx.data(None)
+        self.low_rank_up = nnx.data(None)
+        self.input_transform: str | None = None
+        self.dtype = dtype
+        self.backend = backend
+        self.observer = nnx.data(None)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: Linear,
+        *,
+        weights: formats.Format,
+        acts: formats.Format | None,
+        act_amax: jax.Array | float | None = None,
+        backend: str = "xla",
+        kernel: jax.Array | None = None,
+    ) -> QuantLinear:
+        """Quantize `linear` (or `kernel`, a transformed `(d_in, d_out)` replacement)."""
+        k = linear.kernel[...] if kernel is None else kernel
+        qt = weights.quantize(k.T.astype(jnp.float32))
+        gs = None
+        if acts is not None and acts.name == "nvfp4" and act_amax is not None:
+            gs = formats.nvfp4_global_scale(jnp.asarray(act_amax, jnp.float32))
+        bias = None if linear.bias is None else linear.bias[...]
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            weight=qt,
+            bias=bias,
+            acts=acts,
+            act_global_scale=gs,
+            backend=backend,
+            dtype=linear.kernel[...].dtype,
+        )
+
+    def weight(self) -> formats.QTensor:
+        """The packed weight as a QTensor `(d_out, d_in)`."""
+        return formats.QTensor(
+            codes=self.codes[...],
+            block_scale=self.block_scale[...],
+            global_scale=None if self.global_scale is None else self.global_scale[...],
+            zero_point=None if self.zero_point is None else self.zero_point[...],
+            shape=(self.out_features, self.in_features),
+            fmt=self.weight_fmt,
+        )
+
+    def quantize_input(self, x: jax.Array) -> jax.Array:
+        """Q(x) along d_in, per token group, returned dequantized in x's dtype."""
+        if self.input_transform is not None:
+            from pqjax.rotate import apply_input_transform
+
+            x = apply_input_transform(self.input_transform, x)
+        if self.act_fmt is None:
+            return x
+        kwargs = {}
+        if self.act_global_scale is not None:
+            kwargs["global_scale"] = self.act_global_scale[...]
+        if self.backend == "xla_packed":
+            return self.act_fmt.quantize(x, **kwargs).dequantize(x.dtype)
+        return self.act_fmt.fake_quant(x, dtype=x.dtype, **kwargs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.observer is not None:
+            self.observer(x)
+        x = x.astype(self.dtype)
+        if self.backend == "pallas":
+            from pallas_kernels.dispatch import quant_linear
+
+            y = quant_linear(self, x)
+        else:
+            xq = self.quantize_input(x)
+            w = self.weight().dequantize(self.dtype)  # (d_out, d_in)
+            y = jnp.einsum("...k,nk->...n", xq, w, preferred_element_type=jnp.float32)
+            y = y.astype(self.dtype)
+        if self.low_rank_down is not None:
+            y = y + (x @ self.low_rank_down[...]) @ self.low_rank_up[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored weight (packed codes + scales) and 16-bit extras, not the bias."""
+        total = self.weight().nbytes
+        for v in (self.low_rank_down, self.low_rank_up):
+            total += 0 if v is None else v[...].nbytes
+        return total
+
+
+def set_backend(model: nnx.Module, backend: str) -> nnx.Module:
+    """Switch every QuantLinear (and fused-norm user) in `model` to `backend`, in place."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, QuantLinear):
+            node.backend = backend
+    return model

@@ -1,0 +1,179 @@
+"""Quantization methods: plain functions from (model, calibration, config) to a Plan.
+
+A method transforms the full-precision model into an equivalent one (permutations absorbed,
+smoothing folded, rotations applied) and may give per-layer replacements (pre-rounded weights,
+low-rank branches, online input transforms). `pqjax.quantize` turns any Plan into a model of
+QuantLinears the same way, so every method runs through the same pipeline.
+
+    @register_method("my_method")
+    def my_method(model, calib, config, targets) -> Plan: ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from pqjax import formats, permute
+from pqjax.calibrate import Calibration
+from pqjax.permute.absorb import module_at
+
+if TYPE_CHECKING:
+    from pqjax.quantize import QuantConfig
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a method decided. `model` computes the same function as the input model.
+
+    kernels: Linear path -> replacement `(d_in, d_out)` kernel to quantize instead (e.g. with
+    learned clipping folded in, or a residual after a low-rank branch).
+    qweights: Linear path -> ready QTensor `(d_out, d_in)` (e.g. GPTQ-rounded).
+    extras: Linear path -> {"low_rank": (down (d_in, r), up (r, d_out)),
+    "input_transform": name} for the QuantLinear.
+    layers: Linear path -> report fields (err_rtn, err, accepted, criterion, site, ...).
+    sites: site name -> report fields. perms: site name -> the absorbed order `(dim,)`.
+    """
+
+    model: nnx.Module
+    kernels: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+    qweights: dict[str, formats.QTensor] = dataclasses.field(default_factory=dict)
+    extras: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    layers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    sites: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    perms: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+
+Method = Callable[[nnx.Module, Calibration, "QuantConfig", list[str]], Plan]
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str) -> Callable[[Method], Method]:
+    def add(fn: Method) -> Method:
+        _METHODS[name] = fn
+        return fn
+
+    return add
+
+
+def get_method(name: str) -> Method:
+    import pqjax.baselines  # noqa: F401  (registers the baselines)
+
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {sorted(_METHODS)}")
+    return _METHODS[name]
+
+
+def method_names() -> list[str]:
+    import pqjax.baselines  # noqa: F401
+
+    return sorted(_METHODS)
+
+
+def kernel_of(model: nnx.Module, path: str) -> jax.Array:
+    return module_at(model, path).kernel[...]
+
+
+def rtn_errors(
+    model: nnx.Module, calib: Calibration, config: QuantConfig, paths: list[str]
+) -> dict[str, float]:
+    """Per-layer relative error of plain round-to-nearest on the calibration rows."""
+    wfmt, afmt = config.weight_format(), config.act_format()
+    out = {}
+    for path in paths:
+        if path in calib:
+            d = calib[path].rows.shape[1]
+            out[path] = permute.layer_errors(
+                calib[path].rows, [kernel_of(model, path)], np.arange(d), wfmt, afmt
+            )[0]
+    return out
+
+
+@register_method("rtn")
+def rtn(model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str]) -> Plan:
+    """Round-to-nearest per group: the reference point."""
+    errs = rtn_errors(model, calib, config, targets)
+    layers = {p: {"err_rtn": e, "err": e} for p, e in errs.items()}
+    return Plan(model=nnx.clone(model), layers=layers)
+
+
+def search_sites(
+    model: nnx.Module,
+    calib: Calibration,
+    config: QuantConfig,
+    targets: list[str],
+    *,
+    desc: str = "permute",
+) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """PermuQuant's search at every site with a quantized consumer.
+
+    Returns (perms, site report, layer report); layer errors are on calibration rows with
+    the accepted order (identity when rejected), so err <= err_rtn by construction.
+    """
+    wfmt, afmt = config.weight_format(), config.act_format()
+    wanted = set(targets)
+    perms, site_rows, layer_rows = {}, {}, {}
+    todo = [s for s in permute.sites(model) if wanted.intersection(s.consumers)]
+    for i, site in enumerate(tqdm(todo, desc=desc, unit="site", disable=not config.progress)):
+        stats = calib.get(site.consumers[0])
+        if stats is None:
+            continue
+        kernels = [kernel_of(model, c) for c in site.consumers]
+        res = permute.search(
+            stats.rows,
+            kernels,
+            weights=wfmt,
+            acts=afmt,
+            criterion=config.criterion,
+            alpha=config.alpha,
+            tau=config.tau,
+            segments=site.segments,
+            act_mean_sq=stats.mean_sq,
+            act_absmax=stats.absmax,
+            seed=config.seed + i,
+        )
+        perms[site.name] = res.perm
+        site_rows[site.name] = {
+            "kind": site.kind,
+            "dim": site.dim,
+            "accepted": res.accepted,
+            "err_identity": res.err_identity,
+            "err_permuted": res.err_permuted,
+            "criterion": res.criterion,
+            "alpha": res.alpha,
+        }
+        after = res.layer_err_permuted if res.accepted else res.layer_err_identity
+        for c, b, a in zip(site.consumers, res.layer_err_identity, after):
+            if c not in wanted:
+                continue
+            layer_rows[c] = {
+                "site": site.name,
+                "err_rtn": b,
+                "err": a,
+                "accepted": res.accepted,
+                "criterion": res.criterion if res.accepted else "identity",
+                "alpha": res.alpha,
+            }
+    return perms, site_rows, layer_rows
+
+
+@register_method("permuquant")
+def permuquant(
+    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str]
+) -> Plan:
+    """Sort channels by the criterion per site, keep orders that lower the error, absorb them."""
+    perms, site_rows, layer_rows = search_sites(model, calib, config, targets)
+    for path, err in rtn_errors(
+        model, calib, config, [t for t in targets if t not in layer_rows]
+    ).items():
+        layer_rows[path] = {"err_rtn": err, "err": err, "accepted": False, "site": None}
+    accepted = {k: v for k, v in perms.items() if site_rows[k]["accepted"]}
+    return Plan(
+        model=permute.absorb(model, accepted), layers=layer_rows, sites=site_rows, perms=accepted
+    )

@@ -1,0 +1,119 @@
+"""Permutation sites: one channel order shared by every layer that reads the same input.
+
+A `Site` says, in module paths, everything a permutation of its channels touches:
+- `consumers`: Linears whose input rows (kernel axis 0) are permuted: they read the site;
+- `edits`: parameter slices permuted along an axis: the producing layer's output columns,
+  AdaLN modulation chunks, a norm's affine weights, a depthwise conv's channels;
+- `norms`: norms that read their input through the permutation (`norm.perm`), so that the
+  residual stream itself is never permuted;
+- `segments`: which orders are valid (free, or within heads).
+`permute.absorb` applies these edits; `permute.search` finds the order. Models register a
+builder with `register_sites(ModelClass)`; all models share this one mechanism.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pqjax.permute.search import Segments
+
+
+@dataclasses.dataclass(frozen=True)
+class Edit:
+    """Permute a slice of a parameter along `axis` with (part of) the site's order.
+
+    param: dotted path of an `nnx.Param` (e.g. `transformer_blocks.0.attn.to_v.kernel`).
+    channels: `(start, stop)` range of the site's channels this parameter produces (default:
+    all); the slice `offset : offset + stop - start` of `axis` is permuted by
+    `perm[start:stop] - start`. index: optional leading index (row k of a `(6, d)` table).
+    """
+
+    param: str
+    axis: int
+    offset: int = 0
+    index: int | None = None
+    channels: tuple[int, int] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """A permutation site. `dim` channels; see the module docstring for the fields."""
+
+    name: str
+    dim: int
+    consumers: tuple[str, ...]
+    edits: tuple[Edit, ...] = ()
+    norms: tuple[str, ...] = ()
+    segments: Segments = ()
+    kind: str = "free"  # "norm" | "attn_out" | "ffn_hidden" | "free": for reports
+
+    def __post_init__(self):
+        if not self.segments:
+            object.__setattr__(self, "segments", ((self.dim, self.dim),))
+        if sum(s for s, _ in self.segments) != self.dim:
+            raise ValueError(f"site {self.name}: segments {self.segments} do not cover {self.dim}")
+
+    def random(self, key: jax.Array) -> np.ndarray:
+        """A uniformly random valid permutation `(dim,)` int32."""
+        scores = jax.random.uniform(key, (self.dim,))
+        return np.asarray(order_within(scores, self.segments))
+
+    def identity(self) -> np.ndarray:
+        return np.arange(self.dim, dtype=np.int32)
+
+    def is_valid(self, perm: np.ndarray) -> bool:
+        """True iff `perm` is a permutation that moves channels only within allowed blocks."""
+        perm = np.asarray(perm)
+        if perm.shape != (self.dim,) or sorted(perm.tolist()) != list(range(self.dim)):
+            return False
+        offset = 0
+        for size, block in self.segments:
+            idx = np.arange(offset, offset + size)
+            if not np.array_equal((perm[idx] - offset) // block, (idx - offset) // block):
+                return False
+            offset += size
+        return True
+
+
+def order_within(scores: jax.Array, segments: Segments) -> jax.Array:
+    """argsort of scores within each block (no rounding: used for random orders)."""
+    parts, offset = [], 0
+    for size, block in segments:
+        seg = scores[offset : offset + size].reshape(size // block, block)
+        base = offset + block * jnp.arange(size // block)[:, None]
+        parts.append((jnp.argsort(seg, axis=-1) + base).reshape(-1))
+        offset += size
+    return jnp.concatenate(parts).astype(jnp.int32)
+
+
+SiteBuilder = Callable[[nnx.Module], list[Site]]
+_BUILDERS: dict[type, SiteBuilder] = {}
+
+
+def register_sites(model_cls: type) -> Callable[[SiteBuilder], SiteBuilder]:
+    """Decorator: `fn(model) -> list[Site]` declares the sites of `model_cls`."""
+
+    def add(fn: SiteBuilder) -> SiteBuilder:
+        _BUILDERS[model_cls] = fn
+        return fn
+
+    return add
+
+
+def sites(model: nnx.Module) -> list[Site]:
+    """The permutation sites of `model` (FLUX, SANA, Z-Image, ...)."""
+    from pqjax.permute import model_sites  # noqa: F401  (registers the built-in builders)
+
+    for cls in type(model).__mro__:
+        if cls in _BUILDERS:
+            return _BUILDERS[cls](model)
+    raise TypeError(
+        f"no permutation sites are declared for {type(model).__name__}; "
+        f"known: {sorted(c.__name__ for c in _BUILDERS)}"
+    )
