@@ -29,9 +29,13 @@ class Stat(nnx.Variable):
 
 
 class ChannelObserver(nnx.Module):
-    """Accumulates statistics of the rows `x.reshape(-1, d_in)` it is called with."""
+    """Accumulates statistics of the rows `x.reshape(-1, d_in)` it is called with.
 
-    def __init__(self, d_in: int, n_rows: int, key: jax.Array):
+    With `track_batches > 0` it also keeps the absmax of each of the first `track_batches`
+    calls (one call per calibration batch, i.e. per timestep along a trajectory).
+    """
+
+    def __init__(self, d_in: int, n_rows: int, key: jax.Array, track_batches: int = 0):
         self.sum_sq = Stat(jnp.zeros((d_in,), jnp.float32))
         self.absmax = Stat(jnp.zeros((d_in,), jnp.float32))
         self.count = Stat(jnp.zeros((), jnp.float32))
@@ -39,11 +43,16 @@ class ChannelObserver(nnx.Module):
         self.priority = Stat(jnp.full((n_rows,), jnp.inf, jnp.float32))
         self.calls = Stat(jnp.zeros((), jnp.uint32))
         self.key = Stat(key)
+        self.batch_absmax = Stat(jnp.zeros((track_batches, d_in), jnp.float32))
 
     def __call__(self, x: jax.Array) -> None:
         rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
         self.sum_sq[...] += jnp.sum(jnp.square(rows), axis=0)
-        self.absmax[...] = jnp.maximum(self.absmax[...], jnp.max(jnp.abs(rows), axis=0))
+        call_absmax = jnp.max(jnp.abs(rows), axis=0)
+        self.absmax[...] = jnp.maximum(self.absmax[...], call_absmax)
+        if self.batch_absmax.shape[0]:  # out-of-range writes past track_batches are dropped
+            self.batch_absmax[...] = self.batch_absmax[...].at[self.calls[...]].set(
+                call_absmax, mode="drop")
         self.count[...] += rows.shape[0]
         prio = jax.random.uniform(jax.random.fold_in(self.key[...], self.calls[...]), (len(rows),))
         self.calls[...] += 1
@@ -61,6 +70,7 @@ class LayerStats:
     absmax: jax.Array
     count: int
     rows: jax.Array
+    batch_absmax: jax.Array | None = None  # (n_batches, d_in) when calibrate(track_batches=n)
 
 
 Calibration = dict[str, LayerStats]
@@ -81,19 +91,22 @@ def calibrate(
     seed: int = 0,
     forward: Callable[..., Any] | None = None,
     select: Callable[[str], bool] | None = None,
+    track_batches: int = 0,
     progress: bool = True,
 ) -> Calibration:
     """Run `forward(model, **batch)` (default `model(**batch)`) over `batches` and collect stats.
 
     Observers attach to every Linear that `select(path)` accepts and are removed afterwards,
-    so `model` is unchanged. One compilation per distinct batch shape.
+    so `model` is unchanged. One compilation per distinct batch shape. track_batches: also
+    keep each of the first n batches' per-channel absmax (per-timestep statistics).
     """
     targets = [(p, m) for p, m in linears(model) if select is None or select(p)]
     if not targets:
         raise ValueError("calibrate: the model has no Linear layers to observe")
     base = jax.random.key(seed)
     for i, (_, lin) in enumerate(targets):
-        lin.observer = ChannelObserver(lin.in_features, n_rows, jax.random.fold_in(base, i))
+        lin.observer = ChannelObserver(lin.in_features, n_rows, jax.random.fold_in(base, i),
+                                       track_batches)
     fwd = forward or (lambda m, **kw: m(**kw))
 
     @nnx.jit
@@ -119,6 +132,8 @@ def calibrate(
                 absmax=obs.absmax[...],
                 count=count,
                 rows=obs.rows[...][:kept],
+                batch_absmax=obs.batch_absmax[...][: min(n, track_batches)]
+                if track_batches else None,
             )
         return out
     finally:

@@ -36,9 +36,13 @@ def _opt(value: Any) -> Any:
 class QuantLinear(nnx.Module):
     """y = Q_act(x) @ dequant(W_q) + bias, W_q stored as a packed `(d_out, d_in)` QTensor.
 
-    Optional extras set by methods: `low_rank` (a 16-bit branch x @ L1 @ L2 added to the
-    output, SVDQuant) and `input_transform` (a name of an online transform applied to x before
-    quantization, e.g. a block Hadamard; the weight holds its inverse).
+    Optional extras set by methods, applied in this order:
+    - `input_scale` `(d_in,)`: x * input_scale first (online smoothing where it cannot be folded
+      into the producer; on GPU it fuses into the activation quantizer);
+    - `low_rank_down (d_in, r)`, `low_rank_up (r, d_out)`: a 16-bit branch on the scaled x
+      added to the output (SVDQuant);
+    - `input_transform`: the name of an online transform of x before quantization (e.g. a
+      block Hadamard; the weight holds its inverse).
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class QuantLinear(nnx.Module):
         self.zero_point = _opt(weight.zero_point)
         self.act_global_scale = _opt(act_global_scale)
         self.bias = nnx.data(None if bias is None else nnx.Param(bias))
+        self.input_scale = nnx.data(None)
         self.low_rank_down = nnx.data(None)
         self.low_rank_up = nnx.data(None)
         self.input_transform: str | None = None
@@ -132,6 +137,8 @@ class QuantLinear(nnx.Module):
         if self.observer is not None:
             self.observer(x)
         x = x.astype(self.dtype)
+        if self.input_scale is not None:
+            x = x * self.input_scale[...]
         if self.backend == "pallas":
             from pallas_kernels.dispatch import quant_linear
 
@@ -151,7 +158,7 @@ class QuantLinear(nnx.Module):
     def nbytes(self) -> int:
         """Bytes of the stored weight (packed codes + scales) and 16-bit extras, not the bias."""
         total = self.weight().nbytes
-        for v in (self.low_rank_down, self.low_rank_up):
+        for v in (self.input_scale, self.low_rank_down, self.low_rank_up):
             total += 0 if v is None else v[...].nbytes
         return total
 

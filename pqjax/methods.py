@@ -35,8 +35,8 @@ class Plan:
     kernels: Linear path -> replacement `(d_in, d_out)` kernel to quantize instead (e.g. with
     learned clipping folded in, or a residual after a low-rank branch).
     qweights: Linear path -> ready QTensor `(d_out, d_in)` (e.g. GPTQ-rounded).
-    extras: Linear path -> {"low_rank": (down (d_in, r), up (r, d_out)),
-    "input_transform": name} for the QuantLinear.
+    extras: Linear path -> {"input_scale": (d_in,), "low_rank": (down (d_in, r), up (r, d_out)),
+    "input_transform": name} for the QuantLinear (see `pqjax.layers.QuantLinear`).
     layers: Linear path -> report fields (err_rtn, err, accepted, criterion, site, ...).
     sites: site name -> report fields. perms: site name -> the absorbed order `(dim,)`.
     """

@@ -20,7 +20,7 @@ from flax import nnx
 
 from pqjax import formats
 from pqjax.calibrate import Calibration, linears
-from pqjax.layers import BACKENDS, QuantLinear
+from pqjax.layers import BACKENDS, QuantLinear, QuantState
 from pqjax.methods import get_method
 from pqjax.permute.absorb import module_at
 from pqjax.report import QuantReport
@@ -152,11 +152,14 @@ def quantize(
             if qt.zero_point is not None:
                 q.zero_point[...] = qt.zero_point
         extras = plan.extras.get(path, {})
+        unknown = set(extras) - {"low_rank", "input_scale", "input_transform"}
+        if unknown:
+            raise ValueError(f"{config.method}: unknown extras {sorted(unknown)} for {path}")
         if "low_rank" in extras:
-            from pqjax.layers import QuantState
-
             down, up = extras["low_rank"]
             q.low_rank_down, q.low_rank_up = QuantState(down), QuantState(up)
+        if "input_scale" in extras:
+            q.input_scale = QuantState(jnp.asarray(extras["input_scale"], q.dtype))
         q.input_transform = extras.get("input_transform")
         set_module(qmodel, path, q)
     seconds = time.perf_counter() - t0

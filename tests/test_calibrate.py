@@ -83,3 +83,17 @@ def test_errors():
         calibrate(TwoLayer(), [], progress=False)
     with pytest.raises(ValueError, match="no Linear"):
         calibrate(nnx.Module(), batches(1), progress=False)
+
+
+def test_per_batch_absmax():
+    model = TwoLayer()
+    data = batches(4)
+    st = calibrate(model, data, n_rows=8, track_batches=6, progress=False)["a"]
+    assert st.batch_absmax.shape == (4, 6)
+    for i, b in enumerate(data):
+        np.testing.assert_array_equal(
+            st.batch_absmax[i], np.abs(np.asarray(b["x"])).reshape(-1, 6).max(0)
+        )
+    few = calibrate(model, data, n_rows=8, track_batches=2, progress=False)["a"]
+    assert few.batch_absmax.shape == (2, 6)
+    assert calibrate(model, data, n_rows=8, progress=False)["a"].batch_absmax is None

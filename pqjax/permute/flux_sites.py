@@ -6,8 +6,16 @@ is permuted within heads through the value projection's columns.
 
 from __future__ import annotations
 
+import dataclasses
+
 from pqjax.models.flux import FluxTransformer2DModel
 from pqjax.permute.sites import Edit, Site, register_sites
+
+# Per double-block stream: (AdaLN-Zero norm, q, k, v, second norm, feed-forward).
+STREAMS = (
+    ("norm1", "to_q", "to_k", "to_v", "norm2", "ff"),
+    ("norm1_context", "add_q_proj", "add_k_proj", "add_v_proj", "norm2_context", "ff_context"),
+)
 
 
 def linear_out(
@@ -20,9 +28,12 @@ def linear_out(
     )
 
 
-def modulation(linear: str, chunks: tuple[int, ...], dim: int) -> tuple[Edit, ...]:
-    """Edits permuting AdaLN modulation chunks (shift/scale) of an AdaLN linear's output."""
-    return tuple(e for k in chunks for e in linear_out(linear, offset=k * dim))
+def modulation(linear: str, shift: int, scale: int, dim: int) -> tuple[Edit, ...]:
+    """Edits for the AdaLN shift and scale chunks (chunk indices) of an AdaLN linear's output."""
+    scale_edits = linear_out(linear, offset=scale * dim)
+    return linear_out(linear, offset=shift * dim) + tuple(
+        dataclasses.replace(e, role="mod_scale") for e in scale_edits
+    )
 
 
 @register_sites(FluxTransformer2DModel)
@@ -33,103 +44,58 @@ def flux_sites(model: FluxTransformer2DModel) -> list[Site]:
     for i, block in enumerate(model.transformer_blocks):
         p = f"transformer_blocks.{i}"
         mlp = block.ff.net[0].proj.out_features
-        for _stream, (norm1, q, k, v, norm2, ff) in {
-            "": ("norm1", "to_q", "to_k", "to_v", "norm2", "ff"),
-            "_context": (
-                "norm1_context",
-                "add_q_proj",
-                "add_k_proj",
-                "add_v_proj",
-                "norm2_context",
-                "ff_context",
-            ),
-        }.items():
-            out.append(
-                Site(
-                    f"{p}.{norm1}",
-                    d,
-                    kind="norm",
-                    consumers=(f"{p}.attn.{q}", f"{p}.attn.{k}", f"{p}.attn.{v}"),
-                    edits=modulation(f"{p}.{norm1}.linear", (0, 1), d),  # shift_msa, scale_msa
-                    norms=(f"{p}.{norm1}.norm",),
-                )
-            )
-            out.append(
-                Site(
-                    f"{p}.{norm2}",
-                    d,
-                    kind="norm",
-                    consumers=(f"{p}.{ff}.net.0.proj",),
-                    edits=modulation(f"{p}.{norm1}.linear", (3, 4), d),  # shift_mlp, scale_mlp
-                    norms=(f"{p}.{norm2}",),
-                )
-            )
-            out.append(
-                Site(
-                    f"{p}.{ff}.hidden",
-                    mlp,
-                    kind="ffn_hidden",
-                    consumers=(f"{p}.{ff}.net.2",),
-                    edits=linear_out(f"{p}.{ff}.net.0.proj"),
-                )
-            )
+        for norm1, q, k, v, norm2, ff in STREAMS:
+            out.append(Site(
+                f"{p}.{norm1}", d, kind="norm",
+                consumers=(f"{p}.attn.{q}", f"{p}.attn.{k}", f"{p}.attn.{v}"),
+                edits=modulation(f"{p}.{norm1}.linear", 0, 1, d),  # shift_msa, scale_msa
+                norms=(f"{p}.{norm1}.norm",),
+            ))
+            out.append(Site(
+                f"{p}.{norm2}", d, kind="norm",
+                consumers=(f"{p}.{ff}.net.0.proj",),
+                edits=modulation(f"{p}.{norm1}.linear", 3, 4, d),  # shift_mlp, scale_mlp
+                norms=(f"{p}.{norm2}",),
+            ))
+            out.append(Site(
+                f"{p}.{ff}.hidden", mlp, kind="ffn_hidden", scalable=False,  # after GELU
+                consumers=(f"{p}.{ff}.net.2",),
+                edits=linear_out(f"{p}.{ff}.net.0.proj"),
+            ))
         # Joint attention mixes image and text tokens per head: one order serves both streams.
-        out.append(
-            Site(
-                f"{p}.attn.out",
-                d,
-                kind="attn_out",
-                consumers=(f"{p}.attn.to_out.0", f"{p}.attn.to_add_out"),
-                edits=linear_out(f"{p}.attn.to_v") + linear_out(f"{p}.attn.add_v_proj"),
-                segments=((d, hd),),
-            )
-        )
+        out.append(Site(
+            f"{p}.attn.out", d, kind="attn_out",
+            consumers=(f"{p}.attn.to_out.0", f"{p}.attn.to_add_out"),
+            edits=linear_out(f"{p}.attn.to_v") + linear_out(f"{p}.attn.add_v_proj"),
+            segments=((d, hd),),
+        ))
     for j, block in enumerate(model.single_transformer_blocks):
         p = f"single_transformer_blocks.{j}"
         mlp = block.mlp_hidden_dim
-        out.append(
-            Site(
-                f"{p}.norm",
-                d,
-                kind="norm",
-                consumers=(f"{p}.attn.to_q", f"{p}.attn.to_k", f"{p}.attn.to_v", f"{p}.proj_mlp"),
-                edits=modulation(f"{p}.norm.linear", (0, 1), d),
-                norms=(f"{p}.norm.norm",),
-            )
-        )
+        out.append(Site(
+            f"{p}.norm", d, kind="norm",
+            consumers=(f"{p}.attn.to_q", f"{p}.attn.to_k", f"{p}.attn.to_v", f"{p}.proj_mlp"),
+            edits=modulation(f"{p}.norm.linear", 0, 1, d),
+            norms=(f"{p}.norm.norm",),
+        ))
         # proj_out reads concat(attention output, gelu(mlp hidden)): within heads, then free.
-        out.append(
-            Site(
-                f"{p}.proj_out.in",
-                d + mlp,
-                kind="attn_out",
-                consumers=(f"{p}.proj_out",),
-                edits=linear_out(f"{p}.attn.to_v", channels=(0, d))
-                + linear_out(f"{p}.proj_mlp", channels=(d, d + mlp)),
-                segments=((d, hd), (mlp, mlp)),
-            )
-        )
+        out.append(Site(
+            f"{p}.proj_out.in", d + mlp, kind="attn_out", scalable=False,  # GELU on the mlp part
+            consumers=(f"{p}.proj_out",),
+            edits=linear_out(f"{p}.attn.to_v", channels=(0, d))
+            + linear_out(f"{p}.proj_mlp", channels=(d, d + mlp)),
+            segments=((d, hd), (mlp, mlp)),
+        ))
     # Every AdaLN linear reads silu(temb); temb is the sum of three embedder outputs.
-    producers = [
-        "time_text_embed.timestep_embedder.linear_2",
-        "time_text_embed.text_embedder.linear_2",
-    ]
+    producers = ["time_text_embed.timestep_embedder.linear_2",
+                 "time_text_embed.text_embedder.linear_2"]
     if c.guidance_embeds:
         producers.append("time_text_embed.guidance_embedder.linear_2")
-    consumers = [
-        f"transformer_blocks.{i}.{n}.linear"
-        for i in range(c.num_layers)
-        for n in ("norm1", "norm1_context")
-    ]
+    consumers = [f"transformer_blocks.{i}.{n}.linear"
+                 for i in range(c.num_layers) for n in ("norm1", "norm1_context")]
     consumers += [f"single_transformer_blocks.{j}.norm.linear" for j in range(c.num_single_layers)]
     consumers.append("norm_out.linear")
-    out.append(
-        Site(
-            "temb",
-            d,
-            kind="free",
-            consumers=tuple(consumers),
-            edits=tuple(e for prod in producers for e in linear_out(prod)),
-        )
-    )
+    out.append(Site("temb", d, kind="free", scalable=False,  # SiLU before the AdaLN linears
+                    consumers=tuple(consumers),
+                    edits=tuple(e for prod in producers for e in linear_out(prod))))
     return out
