@@ -97,6 +97,16 @@ def load_model(
     )
 
 
+def load_submodule(module: nnx.Module, prefix: str, weights: WeightSource, *,
+                   dtype: Any = jnp.float32) -> nnx.Module:
+    """Fill `module`, the (abstract) submodule at dotted `prefix` of a model, from the checkpoint
+    keys under `prefix`; one tensor at a time, nothing else is read."""
+    head = prefix + "."
+    keys = [k[len(head):] for k in weights.keys() if k.startswith(head)]
+    return bridge.load_params(module, lambda k: weights.read(head + k), keys, dtype=dtype,
+                              where=lambda k: str(weights.file_of(head + k)))
+
+
 def _model_keys(keys: list[str], spec: registry.ModelSpec) -> dict[str, str]:
     """model key -> checkpoint key, after the family's renames; a collision is an error."""
     renames = spec.map_keys(keys) if spec.map_keys is not None else {}

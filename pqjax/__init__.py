@@ -1,24 +1,40 @@
 """pqjax: PermuQuant post-training quantization of diffusion transformers in JAX/Pallas.
 
-import pqjax
-calib = pqjax.calibrate(model, batches)
-qmodel, report = pqjax.quantize(model, calib, pqjax.QuantConfig(weights="nvfp4", acts="nvfp4"))
+    import pqjax
+    pipe = pqjax.convert_and_quantize()            # the embedded trained tiny FLUX, NVFP4 W4A4
+    images = pipe.generate(["a handwritten digit 7"], seed=0)
+    pqjax.save(pipe, "out/q"); pipe = pqjax.restore("out/q")
+
+    calib = pqjax.calibrate(model, batches)        # or piece by piece, on any NNX DiT
+    qmodel, report = pqjax.quantize(model, calib, pqjax.QuantConfig(weights="int4", group=64))
 """
 
+from pqjax.api import calibrate_pipeline, convert_and_quantize, quantize_pipeline
 from pqjax.calibrate import calibrate
+from pqjax.checkpoint import restore, save
 from pqjax.layers import QuantLinear, set_backend
 from pqjax.methods import Plan, method_names, register_method
+from pqjax.pipelines.load import EMBEDDED, load_pipeline
+from pqjax.pipelines.pipeline import Pipeline
 from pqjax.quantize import QuantConfig, quantize
 from pqjax.report import QuantReport
 
 __all__ = [
+    "EMBEDDED",
+    "Pipeline",
     "Plan",
     "QuantConfig",
     "QuantLinear",
     "QuantReport",
     "calibrate",
+    "calibrate_pipeline",
+    "convert_and_quantize",
+    "load_pipeline",
     "method_names",
     "quantize",
+    "quantize_pipeline",
     "register_method",
+    "restore",
+    "save",
     "set_backend",
 ]

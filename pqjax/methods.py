@@ -110,16 +110,19 @@ def search_sites(
     targets: list[str],
     *,
     desc: str = "permute",
+    site_list: list[permute.Site] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """PermuQuant's search at every site with a quantized consumer.
 
     Returns (perms, site report, layer report); layer errors are on calibration rows with
     the accepted order (identity when rejected), so err <= err_rtn by construction.
+    site_list: the sites to search (default: all of `model`'s).
     """
     wfmt, afmt = config.weight_format(), config.act_format()
     wanted = set(targets)
     perms, site_rows, layer_rows = {}, {}, {}
-    todo = [s for s in permute.sites(model) if wanted.intersection(s.consumers)]
+    sites = permute.sites(model) if site_list is None else site_list
+    todo = [s for s in sites if wanted.intersection(s.consumers)]
     for i, site in enumerate(tqdm(todo, desc=desc, unit="site", disable=not config.progress)):
         stats = calib.get(site.consumers[0])
         if stats is None:

@@ -102,11 +102,14 @@ class QuantConfig:
         return f"W{nbits(wf)}A{nbits(af)} {name}{g}"
 
 
+def is_skipped(path: str, config: QuantConfig) -> bool:
+    """True if the Linear at dotted `path` stays in full precision under `config.skip`."""
+    return any(fnmatch.fnmatchcase(path, pat) for pat in config.skip)
+
+
 def quantizable(model: nnx.Module, config: QuantConfig) -> list[str]:
     """Dotted paths of the Linears that `config` quantizes."""
-    return [
-        p for p, _ in linears(model) if not any(fnmatch.fnmatchcase(p, pat) for pat in config.skip)
-    ]
+    return [p for p, _ in linears(model) if not is_skipped(p, config)]
 
 
 def set_module(model: nnx.Module, path: str, new: nnx.Module) -> None:

@@ -1,0 +1,140 @@
+"""Run several quantization configs on one model and compare them with full precision.
+
+    results = compare(fp_pipe, calib, configs, EvalSpec.digits(per_digit=5), "out/report")
+
+Writes `metrics.json`, `summary.md`, one image grid per format (rows: full precision, then
+each method; columns share seeds) and the per-layer error plot of every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pqjax.api import quantize_pipeline
+from pqjax.calibrate import Calibration
+from pqjax.eval.metrics import DigitMetrics, psnr
+from pqjax.eval.plots import image_grid
+from pqjax.pipelines.pipeline import Pipeline
+from pqjax.quantize import QuantConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """Evaluation prompts (with digit labels where they apply) and a seed apart from calibration."""
+
+    prompts: tuple[str, ...]
+    labels: tuple[int, ...] | None = None
+    seed: int = 1234
+    num_steps: int | None = None
+
+    @classmethod
+    def digits(cls, per_digit: int = 5, seed: int = 1234) -> EvalSpec:
+        labels = tuple(d for _ in range(per_digit) for d in range(10))
+        return cls(tuple(f"a handwritten digit {d}" for d in labels), labels, seed)
+
+
+def generate(pipe: Pipeline, spec: EvalSpec) -> np.ndarray:
+    return pipe.generate(list(spec.prompts), seed=spec.seed, num_steps=spec.num_steps)
+
+
+def evaluate(
+    images: np.ndarray, reference: np.ndarray, spec: EvalSpec, digit_metrics: DigitMetrics | None
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"psnr_vs_fp": psnr(images, reference)}
+    if digit_metrics is not None and spec.labels is not None:
+        out.update(digit_metrics(images, spec.labels))
+    return out
+
+
+def run_name(config: QuantConfig) -> str:
+    return f"{config.label.replace(' ', '_')}_{config.method}"
+
+
+def compare(
+    fp: Pipeline,
+    calib: Calibration,
+    configs: Sequence[QuantConfig],
+    spec: EvalSpec,
+    out_dir: str | Path,
+    *,
+    digit_metrics: DigitMetrics | None = None,
+    keep: dict[str, Pipeline] | None = None,
+) -> dict[str, Any]:
+    """Quantize with each config, generate with the same seeds, score, and write the report.
+
+    keep: if given, filled with run name -> quantized pipeline (e.g. to save one).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    reference = generate(fp, spec)
+    results: dict[str, Any] = {
+        "full_precision": {
+            **evaluate(reference, reference, spec, digit_metrics),
+            "bytes": None,
+            "bf16_bytes": None,
+        },
+    }
+    images: dict[str, dict[str, np.ndarray]] = {}
+    for config in configs:
+        t0 = time.perf_counter()
+        q = quantize_pipeline(fp, calib, config)
+        seconds = time.perf_counter() - t0
+        imgs = generate(q, spec)
+        name = run_name(config)
+        rep = q.report
+        results[name] = {
+            "label": config.label,
+            "method": config.method,
+            **evaluate(imgs, reference, spec, digit_metrics),
+            "bytes": rep.sizes["quantized_bytes"],
+            "bf16_bytes": rep.sizes["bf16_bytes"],
+            "compression_vs_bf16": rep.sizes["compression_vs_bf16"],
+            "mean_layer_error": rep.summary["mean_err"],
+            "mean_layer_error_rtn": rep.summary["mean_err_rtn"],
+            "sites_accepted": rep.summary["sites_accepted"],
+            "n_sites": rep.summary["n_sites"],
+            "quantize_seconds": seconds,
+        }
+        rep.save(out / name)
+        images.setdefault(config.label, {})[config.method] = imgs
+        if keep is not None:
+            keep[name] = q
+    n_cols = min(10, len(spec.prompts))
+    col_labels = [p.rsplit(" ", 1)[-1] for p in spec.prompts[:n_cols]]
+    for label, by_method in images.items():
+        rows = {"full precision": reference[:n_cols]}
+        rows.update({m: v[:n_cols] for m, v in by_method.items()})
+        image_grid(rows, out / f"grid_{label.replace(' ', '_')}.png", labels=col_labels)
+    (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "summary.md").write_text(summary_table(results) + "\n")
+    return results
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """Markdown table of the runs (PSNR vs full precision, accuracy, Fréchet, size, time)."""
+    has_digits = "accuracy" in results.get("full_precision", {})
+    head = "| run | PSNR vs FP (dB) |" + (" accuracy | Fréchet |" if has_digits else "")
+    head += " mean layer error (RTN) | size vs bf16 | quantize s |"
+    cols = head.count("|") - 1
+    lines = [head, "|" + "---|" * cols]
+    for name, r in results.items():
+        ps = "∞" if name == "full_precision" else f"{r['psnr_vs_fp']:.2f}"
+        row = f"| {name} | {ps} |"
+        if has_digits:
+            row += f" {r['accuracy']:.3f} | {r['frechet']:.2f} |"
+        if name == "full_precision":
+            row += " – | 1.00x | – |"
+        else:
+            row += (
+                f" {r['mean_layer_error']:.4f} ({r['mean_layer_error_rtn']:.4f}) |"
+                f" {r['compression_vs_bf16']:.2f}x smaller | {r['quantize_seconds']:.1f} |"
+            )
+        lines.append(row)
+    return "\n".join(lines)
