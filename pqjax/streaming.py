@@ -189,7 +189,8 @@ def stream_quantize(
             with np.load(work / "blocks" / f"{name}.perms.npz") as z:
                 perms.update({key: z[key] for key in z.files})
         else:
-            q, entry, block_perms = _quantize_block(name, k, fp, st, cache, config, n_rows)
+            q, entry, block_perms = quantize_block(name, fp, cache, config, st.sites, n_rows,
+                                                   seed=config.seed + k)
             save_state(q, work / "blocks" / name)
             np.savez(work / "blocks" / f"{name}.perms.npz", **block_perms)
             perms.update(block_perms)
@@ -217,9 +218,22 @@ def _next(fp: nnx.Module, c: tuple) -> tuple:
     return jax.device_get(new_x), jax.device_get(new_context), temb, rope
 
 
-def _quantize_block(
-    name: str, k: int, fp: nnx.Module, st: _Streamer, cache: list, config: QuantConfig, n_rows: int
-) -> tuple[nnx.Module, dict, dict]:
+def quantize_block(
+    name: str,
+    fp: nnx.Module,
+    cache: list[tuple],
+    config: QuantConfig,
+    sites: list[permute.Site],
+    n_rows: int = 256,
+    *,
+    seed: int = 0,
+) -> tuple[nnx.Module, dict[str, Any], dict[str, np.ndarray]]:
+    """Calibrate, search, absorb and quantize one full-precision FLUX block `fp` at `name`.
+
+    cache: the block's inputs per calibration batch, (x, context, temb, rope); sites: the
+    model's sites (absolute paths; those of this block are used). Returns the quantized block,
+    its manifest entry (layout + report rows) and its accepted orders.
+    """
     head = name + "."
     calib_rel = calibrate(
         fp,
@@ -228,12 +242,12 @@ def _quantize_block(
             for c in cache
         ],
         n_rows=n_rows,
-        seed=config.seed + k,
+        seed=seed,
         progress=False,
         forward=lambda blk, x, context, temb, rope: blk(x, context, temb, rope),
     )
     targets = [rel for rel, _ in linears(fp) if not is_skipped(head + rel, config)]
-    block_sites = [_rel(s, name) for s in st.sites if s.name.startswith(head)]
+    block_sites = [_rel(s, name) for s in sites if s.name.startswith(head)]
     perms: dict[str, np.ndarray] = {}
     if config.method == "permuquant":
         perms, site_rows, layer_rows = search_sites(

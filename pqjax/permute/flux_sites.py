@@ -6,34 +6,14 @@ is permuted within heads through the value projection's columns.
 
 from __future__ import annotations
 
-import dataclasses
-
 from pqjax.models.flux import FluxTransformer2DModel
-from pqjax.permute.sites import Edit, Site, register_sites
+from pqjax.permute.sites import Site, linear_out, modulation, register_sites
 
 # Per double-block stream: (AdaLN-Zero norm, q, k, v, second norm, feed-forward).
 STREAMS = (
     ("norm1", "to_q", "to_k", "to_v", "norm2", "ff"),
     ("norm1_context", "add_q_proj", "add_k_proj", "add_v_proj", "norm2_context", "ff_context"),
 )
-
-
-def linear_out(
-    path: str, offset: int = 0, channels: tuple[int, int] | None = None
-) -> tuple[Edit, ...]:
-    """Edits permuting a Linear's output columns (kernel axis 1 and bias)."""
-    return (
-        Edit(f"{path}.kernel", axis=1, offset=offset, channels=channels),
-        Edit(f"{path}.bias", axis=0, offset=offset, channels=channels),
-    )
-
-
-def modulation(linear: str, shift: int, scale: int, dim: int) -> tuple[Edit, ...]:
-    """Edits for the AdaLN shift and scale chunks (chunk indices) of an AdaLN linear's output."""
-    scale_edits = linear_out(linear, offset=scale * dim)
-    return linear_out(linear, offset=shift * dim) + tuple(
-        dataclasses.replace(e, role="mod_scale") for e in scale_edits
-    )
 
 
 @register_sites(FluxTransformer2DModel)
@@ -48,25 +28,25 @@ def flux_sites(model: FluxTransformer2DModel) -> list[Site]:
             out.append(Site(
                 f"{p}.{norm1}", d, kind="norm",
                 consumers=(f"{p}.attn.{q}", f"{p}.attn.{k}", f"{p}.attn.{v}"),
-                edits=modulation(f"{p}.{norm1}.linear", 0, 1, d),  # shift_msa, scale_msa
+                edits=modulation(model, f"{p}.{norm1}.linear", d, shift=0, scale=1),  # *_msa
                 norms=(f"{p}.{norm1}.norm",),
             ))
             out.append(Site(
                 f"{p}.{norm2}", d, kind="norm",
                 consumers=(f"{p}.{ff}.net.0.proj",),
-                edits=modulation(f"{p}.{norm1}.linear", 3, 4, d),  # shift_mlp, scale_mlp
+                edits=modulation(model, f"{p}.{norm1}.linear", d, shift=3, scale=4),  # *_mlp
                 norms=(f"{p}.{norm2}",),
             ))
             out.append(Site(
                 f"{p}.{ff}.hidden", mlp, kind="ffn_hidden", scalable=False,  # after GELU
                 consumers=(f"{p}.{ff}.net.2",),
-                edits=linear_out(f"{p}.{ff}.net.0.proj"),
+                edits=linear_out(model, f"{p}.{ff}.net.0.proj"),
             ))
         # Joint attention mixes image and text tokens per head: one order serves both streams.
         out.append(Site(
             f"{p}.attn.out", d, kind="attn_out",
             consumers=(f"{p}.attn.to_out.0", f"{p}.attn.to_add_out"),
-            edits=linear_out(f"{p}.attn.to_v") + linear_out(f"{p}.attn.add_v_proj"),
+            edits=linear_out(model, f"{p}.attn.to_v") + linear_out(model, f"{p}.attn.add_v_proj"),
             segments=((d, hd),),
         ))
     for j, block in enumerate(model.single_transformer_blocks):
@@ -75,15 +55,15 @@ def flux_sites(model: FluxTransformer2DModel) -> list[Site]:
         out.append(Site(
             f"{p}.norm", d, kind="norm",
             consumers=(f"{p}.attn.to_q", f"{p}.attn.to_k", f"{p}.attn.to_v", f"{p}.proj_mlp"),
-            edits=modulation(f"{p}.norm.linear", 0, 1, d),
+            edits=modulation(model, f"{p}.norm.linear", d, shift=0, scale=1),
             norms=(f"{p}.norm.norm",),
         ))
         # proj_out reads concat(attention output, gelu(mlp hidden)): within heads, then free.
         out.append(Site(
             f"{p}.proj_out.in", d + mlp, kind="attn_out", scalable=False,  # GELU on the mlp part
             consumers=(f"{p}.proj_out",),
-            edits=linear_out(f"{p}.attn.to_v", channels=(0, d))
-            + linear_out(f"{p}.proj_mlp", channels=(d, d + mlp)),
+            edits=linear_out(model, f"{p}.attn.to_v", channels=(0, d))
+            + linear_out(model, f"{p}.proj_mlp", channels=(d, d + mlp)),
             segments=((d, hd), (mlp, mlp)),
         ))
     # Every AdaLN linear reads silu(temb); temb is the sum of three embedder outputs.
@@ -97,5 +77,5 @@ def flux_sites(model: FluxTransformer2DModel) -> list[Site]:
     consumers.append("norm_out.linear")
     out.append(Site("temb", d, kind="free", scalable=False,  # SiLU before the AdaLN linears
                     consumers=tuple(consumers),
-                    edits=tuple(e for prod in producers for e in linear_out(prod))))
+                    edits=tuple(e for prod in producers for e in linear_out(model, prod))))
     return out

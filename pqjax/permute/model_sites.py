@@ -1,3 +1,4 @@
 """Imports every model's site declarations so `permute.sites` finds them."""
 
-from pqjax.permute import flux_sites  # noqa: F401
+import pqjax.permute.flux_sites
+import pqjax.permute.zimage_sites  # noqa: F401

@@ -9,6 +9,11 @@ kernels that all read x (the consumers of one permutation site). Groups run alon
 both. err = ||x W - Q(x) Q(W)||^2 / ||x W||^2 summed over consumers (each weight quantized on
 its own). The order is accepted only if (E_identity - E_permuted) / E_identity > tau and no
 consumer's own error grows, so every layer is at least as good as RTN on the calibration rows.
+
+Rotation hook (`rotate=`, default None: no rotation): the name of an online input transform of
+`pqjax.rotate` (e.g. "hadamard:16") applied AFTER the permutation, the weight holding its
+inverse: errors become ||x W - Q(x P T) Q(T^T P^T W)||^2 / ||x W||^2, so identity and permuted
+orders are compared with the rotation applied in both (PermuQuant + in-group Hadamard).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pqjax import formats
+from pqjax import rotate as rot
 from pqjax.permute.criteria import ChannelStats, get_criterion
 
 # (size, block): the permutation acts within consecutive blocks of `block` channels of a
@@ -93,14 +99,18 @@ def quant_error(
     perm: jax.Array,
     wfmt: formats.Format | None,
     afmt: formats.Format | None,
+    rotate: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Per kernel `(n_kernels,)`: ||y - y_q||^2 and ||y||^2, inputs read in `perm` order."""
+    """Per kernel `(n_kernels,)`: ||y - y_q||^2 and ||y||^2, inputs read in `perm` order and,
+    with `rotate`, quantized after the input transform (weights after its fold)."""
     xp = x[:, perm]
-    xq = xp if afmt is None else afmt.fake_quant(xp, dtype=jnp.float32)
+    xr = xp if rotate is None else rot.apply_input_transform(rotate, xp)
+    xq = xr if afmt is None else afmt.fake_quant(xr, dtype=jnp.float32)
     nums, dens = [], []
     for w in ws:
         wp = w[perm].astype(jnp.float32)
-        wq = wp if wfmt is None else wfmt.fake_quant(wp.T, dtype=jnp.float32).T
+        wr = wp if rotate is None else rot.fold_into_kernel(rotate, wp)
+        wq = wr if wfmt is None else wfmt.fake_quant(wr.T, dtype=jnp.float32).T
         y = jnp.dot(xp, wp, precision=_HIGHEST)
         yq = jnp.dot(xq, wq, precision=_HIGHEST)
         nums.append(jnp.sum(jnp.square(y - yq)))
@@ -130,8 +140,8 @@ def site_stats(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("wfmt", "afmt", "candidates", "segments"))
-def _search(x, ws, act_mean_sq, act_absmax, key, *, wfmt, afmt, candidates, segments):
+@functools.partial(jax.jit, static_argnames=("wfmt", "afmt", "candidates", "segments", "rotate"))
+def _search(x, ws, act_mean_sq, act_absmax, key, *, wfmt, afmt, candidates, segments, rotate):
     """Score every candidate order; return the best one that makes no kernel's error worse.
 
     Returns (perm, candidate index, E_identity, E_best, any candidate qualified); E is the
@@ -140,18 +150,18 @@ def _search(x, ws, act_mean_sq, act_absmax, key, *, wfmt, afmt, candidates, segm
     group = (wfmt or afmt).group_size if (wfmt or afmt) else 16
     stats = site_stats(x, ws, act_mean_sq, act_absmax, key, group or x.shape[1])
     d = x.shape[1]
-    num_id, den = quant_error(x, ws, jnp.arange(d, dtype=jnp.int32), wfmt, afmt)
+    num_id, den = quant_error(x, ws, jnp.arange(d, dtype=jnp.int32), wfmt, afmt, rotate)
     perms, errs, ok = [], [], []
     for name, alpha in candidates:
         perm = order_from_scores(get_criterion(name)(stats, alpha), segments)
-        num, _ = quant_error(x, ws, perm, wfmt, afmt)
+        num, _ = quant_error(x, ws, perm, wfmt, afmt, rotate)
         perms.append(perm)
         errs.append(jnp.sum(num) / jnp.sum(den))
         ok.append(jnp.all(num <= num_id))  # per-layer guarantee: no consumer gets worse
     errs, ok = jnp.stack(errs), jnp.stack(ok)
     best = jnp.argmin(jnp.where(ok, errs, jnp.inf))
     perm = jnp.stack(perms)[best]
-    num_best, _ = quant_error(x, ws, perm, wfmt, afmt)
+    num_best, _ = quant_error(x, ws, perm, wfmt, afmt, rotate)
     per_kernel = (num_id / den, num_best / den)
     return perm, best, jnp.sum(num_id) / jnp.sum(den), errs[best], ok[best], per_kernel
 
@@ -169,13 +179,15 @@ def search(
     act_mean_sq: jax.Array | None = None,
     act_absmax: jax.Array | None = None,
     seed: int = 0,
+    rotate: str | None = None,
 ) -> SearchResult:
     """Find a channel order for the layer(s) reading x; see the module docstring.
 
     criterion/alpha may be sequences: every (criterion, alpha) pair is scored and the best is
     put to the acceptance rule. segments constrain the order (see `Segments`); act_mean_sq /
     act_absmax override the statistics of x's rows with full-calibration ones. None for
-    weights/acts leaves that side in full precision.
+    weights/acts leaves that side in full precision. rotate: an input transform name applied
+    after the permutation in every error evaluation (see the module docstring).
     """
     ws = tuple(w) if isinstance(w, (list, tuple)) else (w,)
     if x.ndim != 2 or any(k.ndim != 2 or k.shape[0] != x.shape[1] for k in ws):
@@ -200,6 +212,7 @@ def search(
         afmt=afmt,
         candidates=candidates,
         segments=segments,
+        rotate=None if rotate is None else rot.parse_transform(rotate).name,
     )
     e_id, e_perm = float(e_id), float(e_perm)
     accepted = bool(qualified) and e_id > 0 and (e_id - e_perm) / e_id > tau
@@ -224,15 +237,17 @@ def layer_errors(
     perm: Any,
     wfmt: formats.Format | None,
     afmt: formats.Format | None,
+    rotate: str | None = None,
 ) -> list[float]:
-    """Per-kernel relative errors under `perm` (for reports): one float per kernel."""
+    """Per-kernel relative errors under `perm` (for reports): one float per kernel; with
+    `rotate`, of the rotated layer (see the module docstring)."""
     perm = jnp.asarray(perm, jnp.int32)
     num, den = _layer_errors(
-        jnp.asarray(x, jnp.float32), tuple(jnp.asarray(w) for w in ws), perm, wfmt, afmt
+        jnp.asarray(x, jnp.float32), tuple(jnp.asarray(w) for w in ws), perm, wfmt, afmt, rotate
     )
     return [float(n / max(d, 1e-30)) for n, d in zip(np.asarray(num), np.asarray(den))]
 
 
-@functools.partial(jax.jit, static_argnames=("wfmt", "afmt"))
-def _layer_errors(x, ws, perm, wfmt, afmt):
-    return quant_error(x, ws, perm, wfmt, afmt)
+@functools.partial(jax.jit, static_argnames=("wfmt", "afmt", "rotate"))
+def _layer_errors(x, ws, perm, wfmt, afmt, rotate=None):
+    return quant_error(x, ws, perm, wfmt, afmt, rotate)

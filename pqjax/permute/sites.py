@@ -41,7 +41,8 @@ class Edit:
     channels: tuple[int, int] | None = None
     # How a per-channel scale s folds in (SmoothQuant-style methods): "linear" divides the
     # slice by s; "mod_scale" is an AdaLN scale chunk used as (1 + scale), so
-    # kernel -> kernel / s and bias -> (bias + 1) / s - 1.
+    # kernel -> kernel / s and bias -> (bias + 1) / s - 1; "perm_only" is permuted but takes
+    # no scale (the gate half of a GLU: silu(gate) * value is linear in value only).
     role: str = "linear"
     # How a per-channel scale s folds in (SmoothQuant-style methods): "linear" divides the
     # slice by s; "mod_scale" is an AdaLN scale chunk used as (1 + scale), so
@@ -95,6 +96,33 @@ class Site:
         return True
 
 
+def linear_out(
+    model: nnx.Module,
+    path: str,
+    offset: int = 0,
+    channels: tuple[int, int] | None = None,
+    role: str = "linear",
+) -> tuple[Edit, ...]:
+    """Edits for a Linear's output columns (kernel axis 1, and the bias if it has one)."""
+    from pqjax.permute.absorb import module_at
+
+    edits = [Edit(f"{path}.kernel", axis=1, offset=offset, channels=channels, role=role)]
+    if module_at(model, path).bias is not None:
+        edits.append(Edit(f"{path}.bias", axis=0, offset=offset, channels=channels, role=role))
+    return tuple(edits)
+
+
+def modulation(
+    model: nnx.Module, linear: str, dim: int, *, scale: int, shift: int | None = None
+) -> tuple[Edit, ...]:
+    """Edits for the AdaLN scale chunk (used as 1 + scale) and shift chunk (if any) of an
+    AdaLN linear's output; chunk indices count blocks of `dim` columns."""
+    edits = linear_out(model, linear, offset=scale * dim, role="mod_scale")
+    if shift is not None:
+        edits = linear_out(model, linear, offset=shift * dim) + edits
+    return edits
+
+
 def order_within(scores: jax.Array, segments: Segments) -> jax.Array:
     """argsort of scores within each block (no rounding: used for random orders)."""
     parts, offset = [], 0
@@ -122,7 +150,7 @@ def register_sites(model_cls: type) -> Callable[[SiteBuilder], SiteBuilder]:
 
 def sites(model: nnx.Module) -> list[Site]:
     """The permutation sites of `model` (FLUX, SANA, Z-Image, ...)."""
-    from pqjax.permute import model_sites  # noqa: F401  (registers the built-in builders)
+    import pqjax.permute.model_sites  # noqa: F401  (registers the built-in builders)
 
     for cls in type(model).__mro__:
         if cls in _BUILDERS:
