@@ -92,6 +92,8 @@ def calibrate(
     forward: Callable[..., Any] | None = None,
     select: Callable[[str], bool] | None = None,
     track_batches: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
+    shard_weights: bool = False,
     progress: bool = True,
 ) -> Calibration:
     """Run `forward(model, **batch)` (default `model(**batch)`) over `batches` and collect stats.
@@ -99,6 +101,11 @@ def calibrate(
     Observers attach to every Linear that `select(path)` accepts and are removed afterwards,
     so `model` is unchanged. One compilation per distinct batch shape. track_batches: also
     keep each of the first n batches' per-channel absmax (per-timestep statistics).
+
+    mesh: data-parallel calibration: every batch is split along its leading (batch) axis over
+    the mesh's first axis (arrays named `*_ids` are position tables and stay replicated), and
+    weights are replicated, or with `shard_weights` sharded FSDP-style along their largest
+    divisible axis. The statistics equal a single device's up to float summation order.
     """
     targets = [(p, m) for p, m in linears(model) if select is None or select(p)]
     if not targets:
@@ -108,6 +115,9 @@ def calibrate(
         lin.observer = ChannelObserver(lin.in_features, n_rows, jax.random.fold_in(base, i),
                                        track_batches)
     fwd = forward or (lambda m, **kw: m(**kw))
+    if mesh is not None:
+        _shard_model(model, mesh, shard_weights)
+        batches = (_shard_batch(b, mesh) for b in batches)
 
     @nnx.jit
     def step(m: nnx.Module, batch: dict[str, Any]) -> None:
@@ -139,3 +149,36 @@ def calibrate(
     finally:
         for _, lin in targets:
             lin.observer = None
+
+
+def _shard_batch(batch: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    axis = mesh.axis_names[0]
+    n = mesh.shape[axis]
+
+    def put(name: str, x: Any) -> Any:
+        x = jnp.asarray(x)
+        split = x.ndim >= 1 and not name.endswith("_ids") and x.shape[0] % n == 0
+        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(axis if split else None)))
+
+    return {k: (None if v is None else put(k, v)) for k, v in batch.items()}
+
+
+def _shard_model(model: nnx.Module, mesh: jax.sharding.Mesh, shard_weights: bool) -> None:
+    """Replicate the model's state over `mesh` (or shard weights FSDP-style), in place."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    axis = mesh.axis_names[0]
+    n = mesh.shape[axis]
+
+    def spec(x: jax.Array) -> NamedSharding:
+        dims = [None] * x.ndim
+        if shard_weights and x.ndim >= 2:
+            big = max(range(x.ndim), key=lambda i: x.shape[i] if x.shape[i] % n == 0 else -1)
+            if x.shape[big] % n == 0:
+                dims[big] = axis
+        return NamedSharding(mesh, PartitionSpec(*dims))
+
+    state = nnx.state(model)
+    nnx.update(model, jax.tree.map(lambda x: jax.device_put(x, spec(x)), state))
