@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pqjax import formats
-from pqjax.models.layers import Linear
+from pqjax.models.layers import LayerNorm, Linear, RMSNorm
 
 BACKENDS = ("xla", "xla_packed", "pallas")
 
@@ -142,12 +142,18 @@ class QuantLinear(nnx.Module):
         if self.backend == "pallas":
             from pallas_kernels.dispatch import quant_linear
 
-            y = quant_linear(self, x)
-        else:
-            xq = self.quantize_input(x)
-            w = self.weight().dequantize(self.dtype)  # (d_out, d_in)
-            y = jnp.einsum("...k,nk->...n", xq, w, preferred_element_type=jnp.float32)
-            y = y.astype(self.dtype)
+            return quant_linear(self, x)  # bias and low-rank branch fused as its epilogue
+        return self.xla_forward(x)
+
+    def xla_forward(self, x: jax.Array) -> jax.Array:
+        """The rest of the forward in XLA ("xla" / "xla_packed"; the kernels' fallback).
+
+        x: the input in the layer's dtype, already multiplied by input_scale.
+        """
+        xq = self.quantize_input(x)
+        w = self.weight().dequantize(self.dtype)  # (d_out, d_in)
+        y = jnp.einsum("...k,nk->...n", xq, w, preferred_element_type=jnp.float32)
+        y = y.astype(self.dtype)
         if self.low_rank_down is not None:
             y = y + (x @ self.low_rank_down[...]) @ self.low_rank_up[...]
         if self.bias is not None:
@@ -170,4 +176,6 @@ def set_backend(model: nnx.Module, backend: str) -> nnx.Module:
     for _, node in nnx.iter_graph(model):
         if isinstance(node, QuantLinear):
             node.backend = backend
+        elif isinstance(node, LayerNorm | RMSNorm):
+            node.backend = "pallas" if backend == "pallas" else "xla"
     return model

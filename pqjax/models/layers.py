@@ -122,6 +122,7 @@ class LayerNorm(nnx.Module):
         self.scale = nnx.data(nnx.Param(jnp.ones((dim,), dtype)) if affine else None)
         self.bias = nnx.data(nnx.Param(jnp.zeros((dim,), dtype)) if affine and use_bias else None)
         self.perm = nnx.data(None)
+        self.backend = "xla"  # "pallas": the fused kernel (pqjax.set_backend switches it)
 
     def normalize(self, x: jax.Array) -> jax.Array:
         x32 = _gather(x, self.perm).astype(jnp.float32)
@@ -138,6 +139,10 @@ class LayerNorm(nnx.Module):
     def __call__(
         self, x: jax.Array, scale: jax.Array | None = None, shift: jax.Array | None = None
     ) -> jax.Array:
+        if self.backend == "pallas":
+            from pallas_kernels.dispatch import permuted_norm
+
+            return permuted_norm(self, x, scale, shift)
         return modulate(self.normalize(x), scale, shift)
 
 
@@ -161,6 +166,7 @@ class RMSNorm(nnx.Module):
         self.eps = eps
         self.scale = nnx.data(nnx.Param(jnp.ones((dim,), dtype)) if elementwise_affine else None)
         self.perm = nnx.data(None)
+        self.backend = "xla"  # "pallas": the fused kernel (pqjax.set_backend switches it)
 
     def normalize(self, x: jax.Array) -> jax.Array:
         x32 = _gather(x, self.perm).astype(jnp.float32)
@@ -172,6 +178,10 @@ class RMSNorm(nnx.Module):
     def __call__(
         self, x: jax.Array, scale: jax.Array | None = None, shift: jax.Array | None = None
     ) -> jax.Array:
+        if self.backend == "pallas":
+            from pallas_kernels.dispatch import permuted_norm
+
+            return permuted_norm(self, x, scale, shift)
         return modulate(self.normalize(x), scale, shift)
 
 

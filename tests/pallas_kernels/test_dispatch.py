@@ -1,0 +1,184 @@
+"""The "pallas" backend in a model: dispatch, XLA fallbacks, and a tiny quantized FLUX.
+
+With PQJAX_PALLAS_INTERPRET=1 the kernels run on CPU in interpret mode; without it, on CPU,
+the "pallas" backend must compute exactly what the "xla" backend computes.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import pqjax
+from pallas_kernels import dispatch
+from pallas_kernels.permuted_norm import permuted_norm_reference
+from pqjax import formats, permute
+from pqjax.formats.fp4 import MXFP4, NVFP4
+from pqjax.layers import QuantLinear
+from pqjax.models.flux import FluxConfig, FluxTransformer2DModel
+from pqjax.models.layers import LayerNorm, Linear, Permutation, RMSNorm
+from pqjax.quantize import DEFAULT_SKIP
+
+CFG = dict(
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=32,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=16,
+    guidance_embeds=True,
+    axes_dims_rope=(8, 12, 12),
+    in_channels=8,
+)
+N_TXT, H, W = 8, 2, 4  # 8 text and 8 image tokens: the two streams share kernel shapes
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_INTERPRET, "1")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def jitted_formats():
+    """Formats are pure jnp programs: jitted they give the same bits, without the hundreds of
+    eager per-op compiles that quantizing a model's layers costs (most of this file's time)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for cls in (NVFP4, MXFP4, formats.IntFormat):
+            mp.setattr(cls, "quantize", jax.jit(cls.quantize, static_argnums=0))
+            fq = jax.jit(cls.fake_quant, static_argnums=0, static_argnames="dtype")
+            mp.setattr(cls, "fake_quant", fq)
+        yield
+
+
+def _norms(d: int = 40):
+    rng = np.random.default_rng(0)
+    ln, rms = LayerNorm(d, eps=1e-6), RMSNorm(d, eps=1e-5)
+    for norm in (ln, rms):
+        norm.perm = Permutation(jnp.asarray(rng.permutation(d), jnp.int32))
+        norm.scale[...] = jnp.asarray(1 + 0.2 * rng.normal(size=d), jnp.float32)
+    ln.bias[...] = jnp.asarray(rng.normal(size=d), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(2, 5, d)), jnp.float32)
+    s, t = (jnp.asarray(rng.normal(size=(2, d)), jnp.float32) for _ in range(2))
+    return ln, rms, x, s, t
+
+
+def test_reference_is_the_xla_path_and_cpu_fallback_is_exact():
+    """On CPU (no interpret) the "pallas" backend's norms are the "xla" path, bit for bit."""
+    ln, rms, x, s, t = _norms()
+    on_cpu = dispatch.mode() == "xla"
+    for norm, kind in ((ln, "layer"), (rms, "rms")):
+        want = jax.jit(lambda x, s, t, n=norm: n(x, s, t))(x, s, t)
+        bias = None if kind == "rms" else norm.bias[...]
+        ref = permuted_norm_reference(
+            x, norm.perm[...], norm.scale[...], bias, s, t, kind=kind, eps=norm.eps
+        )
+        np.testing.assert_array_equal(np.asarray(ref), np.asarray(want))
+        if on_cpu:
+            norm.backend = "pallas"  # served by XLA: the same bits
+            np.testing.assert_array_equal(np.asarray(norm(x, s, t)), np.asarray(want))
+            norm.backend = "xla"
+
+
+def _qlin(weights: str, acts: str | None, seed: int = 0, d_in: int = 40, d_out: int = 24):
+    lin = Linear(d_in, d_out, rngs=nnx.Rngs(seed))
+    q = QuantLinear.from_linear(
+        lin, weights=formats.get(weights), acts=acts and formats.get(acts), act_amax=4.0
+    )
+    return q
+
+
+@pytest.mark.usefixtures("interpret")
+def test_fused_norm_output_feeds_the_matmul():
+    """The norm's quantized output is what quant_linear would have quantized itself."""
+    ln, _, x, s, t = _norms()
+    q = _qlin("nvfp4", "nvfp4")
+    gs = q.act_global_scale[...]
+    y, xq = dispatch.permuted_norm(ln, x, s, t, quant=q.act_fmt, global_scale=gs)
+    np.testing.assert_array_equal(
+        np.asarray(dispatch.quant_linear(q, y, xq=xq)), np.asarray(dispatch.quant_linear(q, y))
+    )
+    with pytest.raises(ValueError, match="activation format"):
+        dispatch.quant_linear(_qlin("mxfp4", "mxfp4"), y, xq=xq)
+
+
+@pytest.mark.usefixtures("interpret")
+def test_unsupported_formats_fall_back_with_a_reason(monkeypatch):
+    monkeypatch.setattr(dispatch, "_warned", set())  # warnings are once per reason
+    q = _qlin("int4", "int4")
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 40)), jnp.float32)
+    with pytest.warns(dispatch.PallasFallbackWarning, match="int4"):
+        y = dispatch.quant_linear(q, x)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(q.xla_forward(x)))
+
+
+def _inputs(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
+    rows, cols = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
+    img_ids = np.stack([np.zeros(H * W), rows.ravel(), cols.ravel()], -1)
+    return dict(
+        hidden_states=f(2, H * W, CFG["in_channels"]),
+        encoder_hidden_states=f(2, N_TXT, CFG["joint_attention_dim"]),
+        pooled_projections=f(2, CFG["pooled_projection_dim"]),
+        timestep=jnp.asarray([0.3, 0.8], jnp.float32),
+        img_ids=jnp.asarray(img_ids, jnp.float32),
+        txt_ids=jnp.zeros((N_TXT, 3), jnp.float32),
+        guidance=jnp.asarray([3.5, 3.5], jnp.float32),
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_flux():
+    """A tiny random FLUX with random orders absorbed into its norms, RTN W4A4 NVFP4."""
+    model = FluxTransformer2DModel(FluxConfig(**CFG), rngs=nnx.Rngs(0))
+    norm_sites = [s for s in permute.sites(model) if s.norms]
+    perms = {s.name: s.random(jax.random.key(i)) for i, s in enumerate(norm_sites)}
+    model = permute.absorb(model, perms)
+    data = [_inputs(s) for s in range(2)]
+    calib = pqjax.calibrate(model, data, n_rows=32, progress=False)
+    # AdaLN linears stay 16-bit: fewer distinct weight shapes to compile
+    skip = (*DEFAULT_SKIP, "*norm1.linear", "*norm1_context.linear", "*.norm.linear")
+    cfg = pqjax.QuantConfig(method="rtn", skip=skip, progress=False)
+    qmodel, _ = pqjax.quantize(model, calib, cfg)
+    assert qmodel.transformer_blocks[0].norm2.perm is not None
+    return qmodel, data[1]
+
+
+def _blocks(qmodel, inputs):
+    """(context, x) after the double and the single block, jitted (the backend is static)."""
+    graph, state = nnx.split(qmodel)
+
+    def run(state, inputs):
+        m = nnx.merge(graph, state)
+        x, ctx, temb, rope = m.embed(**inputs)
+        ctx, x = m.transformer_blocks[0](x, ctx, temb, rope)
+        return m.single_transformer_blocks[0](x, ctx, temb, rope)
+
+    return jax.jit(run)(state, inputs)
+
+
+@pytest.mark.usefixtures("interpret")
+def test_flux_blocks_pallas_matches_xla(tiny_flux):
+    """Double + single block, "pallas" (interpret) vs "xla". The norms agree to a few float32
+    ulps and the quantized products are bit-exact given equal inputs, so outputs differ by
+    float32 accumulation order only unless a float32 ulp moves an activation across an FP4
+    rounding boundary; the bound (1e-4 relative to each output's scale) leaves room for that
+    while staying far below one quantization step (~1/6 relative)."""
+    qmodel, inputs = tiny_flux
+    want = _blocks(qmodel, inputs)
+    pqjax.set_backend(qmodel, "pallas")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", dispatch.PallasFallbackWarning)  # kernels serve all
+            got = _blocks(qmodel, inputs)
+    finally:
+        pqjax.set_backend(qmodel, "xla")
+    for g, w in zip(got, want):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        scale = np.abs(w).max()
+        assert np.abs(g - w).max() <= 1e-4 * scale, (np.abs(g - w).max(), scale)
