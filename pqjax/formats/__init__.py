@@ -71,6 +71,7 @@ from pqjax.formats.integer import (
 )
 from pqjax.formats.packing import pack_bits, packed_len, sign_extend, unpack_bits
 from pqjax.formats.qtensor import QTensor
+from pqjax.formats.quartz import QuartzFormat  # noqa: F401  (registers quartz, quartz3)
 from pqjax.formats.registry import get, names, register
 
 

@@ -1,0 +1,212 @@
+"""Orthogonal block-Hadamard rotations of a Linear's input channels (QuaRot / ConvRot style).
+
+    y = apply_input_transform("hadamard:16", x)      # x (..., d) -> x T   (online, per token)
+    k = fold_into_kernel("hadamard:16", kernel)      # (d, d_out) -> T^T kernel   (offline)
+    # (x T)(T^T W) = x W: exact in full precision; the quantizers then see rotated values.
+
+T is block diagonal: one orthonormal b x b Hadamard block per run of b consecutive channels
+(b = the quantization group, so a rotation never mixes two groups). A name fully determines T
+for a given d (checkpoints store only the name):
+
+  "hadamard:<b>"          Sylvester H_b / sqrt(b), b = 2^k (H_2n = [[H_n, H_n], [H_n, -H_n]]),
+                          applied by the fast Walsh-Hadamard transform: k butterfly stages.
+  "regular_hadamard:<b>"  regular R_b / sqrt(b), b = 4^k: R_4 = J - 2I (every row sums to 2),
+                          R_4^k = R_4 (x) ... (x) R_4 (Kronecker products of regular Hadamard
+                          matrices are regular; row sums multiply to 2^k = sqrt(b)). R_4 is
+                          Sylvester H_4 with its first column and last three rows negated, rows
+                          reordered. Applied as k stages of y = sum(y) - 2 y over base-4 digits.
+  ":seed<s>" suffix       random signs first: T = D B with D = diag(+-1) over all d channels,
+                          drawn by numpy's PCG64 seeded with s (stable across platforms).
+
+Why "regular" (ConvRot): Sylvester's first column is all ones, so a Sylvester block maps the
+all-ones direction onto a single coordinate. A channel offset shared by a group (post-GELU or
+post-SiLU inputs have a positive mean in every channel) then becomes an outlier COLUMN, sqrt(b)
+times the offset, at position 0 of every block, for every token. A regular matrix has constant
+column sums, so it maps the all-ones vector to the all-ones vector: the offset stays spread
+evenly over the block and no column outlier is created. Regular Hadamard matrices exist only
+for b = 4m^2, hence the power-of-four blocks.
+
+Tail: when b does not divide d, the last d % b channels are left unrotated (T is the identity
+there); `rotated_dims` says how many channels are rotated. Sylvester and regular blocks (with or
+without signs D) are symmetric, so T^T = T^-1 = D B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+KINDS = ("hadamard", "regular_hadamard")
+_NAME = re.compile(r"^(?P<kind>[a-z_]+):(?P<block>\d+)(?::seed(?P<seed>\d+))?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformSpec:
+    """A parsed transform name: kind (one of KINDS), block size, optional sign seed."""
+
+    kind: str
+    block: int
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown input transform kind {self.kind!r}; choose one of {KINDS}")
+        b = self.block
+        if b < 1 or b & (b - 1):
+            raise ValueError(f"{self.kind}: block must be a power of two, got {b}")
+        if self.kind == "regular_hadamard" and (b.bit_length() - 1) % 2:
+            raise ValueError(
+                f"regular_hadamard: block must be a power of four (regular Hadamard matrices "
+                f"exist only for orders 4m^2), got {b}"
+            )
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{self.block}" + ("" if self.seed is None else f":seed{self.seed}")
+
+
+@functools.cache
+def parse_transform(name: str) -> TransformSpec:
+    """'hadamard:16', 'regular_hadamard:64:seed3' -> TransformSpec; malformed names raise."""
+    m = _NAME.match(name)
+    if m is None:
+        raise ValueError(
+            f"malformed input transform {name!r}; expected '<kind>:<block>[:seed<s>]' with kind "
+            f"in {KINDS}, e.g. 'hadamard:16'"
+        )
+    seed = m.group("seed")
+    return TransformSpec(
+        m.group("kind"), int(m.group("block")), None if seed is None else int(seed)
+    )
+
+
+def transform_name(kind: str, block: int, seed: int | None = None) -> str:
+    """The canonical name of a transform (validated)."""
+    return TransformSpec(kind, block, seed).name
+
+
+def rotated_dims(d: int, block: int) -> int:
+    """How many leading channels of d are rotated: whole blocks only, the tail stays as is."""
+    return (d // block) * block
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def fwht(x: jax.Array) -> jax.Array:
+    """Fast Walsh-Hadamard transform along the last axis: x (..., n) -> x H_n / sqrt(n).
+
+    n a power of two; H_n the Sylvester matrix (scipy.linalg.hadamard order); float32 math,
+    n log2 n additions, one scaling at the end (exact for n = 4^k).
+    """
+    n = x.shape[-1]
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"fwht: last axis must be a power of two, got {n}")
+    lead = x.shape[:-1]
+    y = x.astype(jnp.float32)
+    h = 1
+    while h < n:
+        # pairs (j, j + h) inside each run of 2h: (a, c) -> (a + c, a - c)
+        z = y.reshape(*lead, n // (2 * h), 2, h)
+        a, c = z[..., 0, :], z[..., 1, :]
+        y = jnp.stack([a + c, a - c], axis=-2).reshape(*lead, n)
+        h *= 2
+    return y * np.float32(1.0 / np.sqrt(n))
+
+
+def regular_wht(x: jax.Array) -> jax.Array:
+    """x (..., n) -> x R_n / sqrt(n) for the regular Hadamard R_n = R_4^(x k), n = 4^k.
+
+    Each base-4 digit of the channel index is one R_4 = J - 2I stage: y -> sum(y) - 2 y over
+    that digit's axis; R_4 / 2 is orthonormal, so the scaling is 2^-k (exact).
+    """
+    n = x.shape[-1]
+    k = (n.bit_length() - 1) // 2
+    if 4**k != n:
+        raise ValueError(f"regular_wht: last axis must be a power of four, got {n}")
+    lead = x.shape[:-1]
+    y = x.astype(jnp.float32).reshape(*lead, *([4] * k))
+    for ax in range(len(lead), len(lead) + k):
+        y = (jnp.sum(y, axis=ax, keepdims=True) - 2 * y) * np.float32(0.5)
+    return y.reshape(*lead, n)
+
+
+_BLOCK_FN = {"hadamard": fwht, "regular_hadamard": regular_wht}
+
+
+@functools.cache
+def _signs(seed: int, d: int) -> np.ndarray:
+    """(d,) float32 of +-1 from PCG64(seed): the random diagonal D of a seeded transform."""
+    bits = np.random.Generator(np.random.PCG64(seed)).integers(0, 2, size=d)
+    return (1 - 2 * bits).astype(np.float32)
+
+
+def apply_input_transform(name: str, x: jax.Array) -> jax.Array:
+    """x (..., d) -> x T for the transform `name` (see the module docstring), in x's dtype."""
+    spec = parse_transform(name)
+    d, b = x.shape[-1], spec.block
+    y = x.astype(jnp.float32)
+    if spec.seed is not None:
+        y = y * _signs(spec.seed, d)
+    m = rotated_dims(d, b)
+    if m == 0:
+        return y.astype(x.dtype)
+    head = y[..., :m].reshape(*y.shape[:-1], m // b, b)
+    head = _BLOCK_FN[spec.kind](head).reshape(*y.shape[:-1], m)
+    out = head if m == d else jnp.concatenate([head, y[..., m:]], axis=-1)
+    return out.astype(x.dtype)
+
+
+def fold_into_kernel(name: str, kernel: jax.Array) -> jax.Array:
+    """(d_in, d_out) kernel W -> T^T W (float32), so that (x T) (T^T W) = x W.
+
+    Row o of (T^T W)^T = W^T is w_o T: the same transform applied to each output's weights.
+    """
+    return _fold(parse_transform(name).name, jnp.asarray(kernel, jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames="name")
+def _fold(name: str, kernel: jax.Array) -> jax.Array:
+    # one compilation per (name, shape) instead of one per butterfly op when called eagerly
+    return apply_input_transform(name, kernel.T).T
+
+
+def transform_matrix(name: str, d: int) -> np.ndarray:
+    """The explicit (d, d) float64 matrix T of `name` (tests and inspection; O(d^2))."""
+    return np.asarray(apply_input_transform(name, jnp.eye(d, dtype=jnp.float32)), np.float64)
+
+
+def regular_hadamard_matrix(n: int) -> np.ndarray:
+    """The unnormalised regular Hadamard R_n = R_4^(x k) (int64 +-1 entries), n = 4^k."""
+    r4 = np.ones((4, 4), np.int64) - 2 * np.eye(4, dtype=np.int64)
+    out = np.ones((1, 1), np.int64)
+    while out.shape[0] < n:
+        out = np.kron(out, r4)
+    if out.shape[0] != n:
+        raise ValueError(f"regular Hadamard matrices here have power-of-four order, got {n}")
+    return out
+
+
+# ------------------------------------------------------------------------- block choice
+
+
+def largest_block(n: int, kind: str) -> int:
+    """Largest power of two (kind 'hadamard') or four ('regular_hadamard') dividing n >= 1."""
+    b = n & -n  # lowest set bit: the largest power of two dividing n
+    if kind == "regular_hadamard" and (b.bit_length() - 1) % 2:
+        b //= 2
+    return b
+
+
+def block_for(group: int | None, d_in: int, kind: str, override: int | None = None) -> int:
+    """Rotation block for a layer: `override` if given, else the largest valid block dividing
+    the quantization group (the group itself for powers of two / four), else (group None: one
+    group over the whole row) the largest valid block dividing d_in."""
+    if override is not None:
+        return TransformSpec(kind, int(override)).block
+    return largest_block(group if group else d_in, kind)
