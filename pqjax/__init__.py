@@ -4,6 +4,7 @@
     pipe = pqjax.convert_and_quantize()            # the embedded trained tiny FLUX, NVFP4 W4A4
     images = pipe.generate(["a handwritten digit 7"], seed=0)
     pqjax.save(pipe, "out/q"); pipe = pqjax.restore("out/q")
+    print(pqjax.estimate_memory("flux-dev").to_markdown())   # full-size bytes, no weights needed
 
     calib = pqjax.calibrate(model, batches)        # or piece by piece, on any NNX DiT
     qmodel, report = pqjax.quantize(model, calib, pqjax.QuantConfig(weights="int4", group=64))
@@ -13,6 +14,7 @@ from pqjax.api import calibrate_pipeline, convert_and_quantize, quantize_pipelin
 from pqjax.calibrate import calibrate
 from pqjax.checkpoint import restore, save
 from pqjax.layers import QuantLinear, set_backend
+from pqjax.memory import MemoryEstimate, estimate_memory
 from pqjax.methods import Plan, method_names, register_method
 from pqjax.pipelines.load import EMBEDDED, load_pipeline
 from pqjax.pipelines.pipeline import Pipeline
@@ -21,6 +23,7 @@ from pqjax.report import QuantReport
 
 __all__ = [
     "EMBEDDED",
+    "MemoryEstimate",
     "Pipeline",
     "Plan",
     "QuantConfig",
@@ -29,6 +32,7 @@ __all__ = [
     "calibrate",
     "calibrate_pipeline",
     "convert_and_quantize",
+    "estimate_memory",
     "load_pipeline",
     "method_names",
     "quantize",

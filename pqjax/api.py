@@ -46,15 +46,18 @@ def calibrate_pipeline(
     height: int | None = None,
     width: int | None = None,
     n_rows: int = 256,
+    track_batches: int = 0,
     progress: bool = True,
 ) -> Calibration:
     """Statistics of every Linear of `pipe`'s transformer along its own sampling trajectories
-    (at the pipeline's default resolution and number of steps unless given)."""
+    (at the pipeline's default resolution and number of steps unless given). track_batches:
+    also keep per-step absmax (one calibration batch per sampling step)."""
     prompts = list(prompts) if prompts else default_calib_prompts(pipe)
     batches = pipe.calibration_batches(
         prompts, seed=seed, num_steps=num_steps, height=height, width=width
     )
-    return calibrate(pipe.transformer, batches, n_rows=n_rows, seed=seed, progress=progress)
+    return calibrate(pipe.transformer, batches, n_rows=n_rows, seed=seed,
+                     track_batches=track_batches, progress=progress)
 
 
 def quantize_pipeline(

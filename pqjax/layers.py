@@ -13,6 +13,7 @@ Backends (one switch, `set_backend(model, name)`):
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -23,6 +24,15 @@ from pqjax import formats
 from pqjax.models.layers import LayerNorm, Linear, RMSNorm
 
 BACKENDS = ("xla", "xla_packed", "pallas")
+
+
+@functools.partial(jax.jit, static_argnames=("fmt",))
+def quantize_weight(kernel: jax.Array, fmt: formats.Format) -> formats.QTensor:
+    """A Flax kernel `(d_in, d_out)` as the packed QTensor `(d_out, d_in)`, jitted per shape.
+
+    Eager quantization would dispatch (and compile) each of its ~100 ops per weight shape.
+    """
+    return fmt.quantize(kernel.T.astype(jnp.float32))
 
 
 class QuantState(nnx.Variable):
@@ -91,7 +101,12 @@ class QuantLinear(nnx.Module):
     ) -> QuantLinear:
         """Quantize `linear` (or `kernel`, a transformed `(d_in, d_out)` replacement)."""
         k = linear.kernel[...] if kernel is None else kernel
-        qt = weights.quantize(k.T.astype(jnp.float32))
+        if not isinstance(k, jax.core.Tracer) and not bool(jnp.isfinite(k).all()):
+            raise ValueError(
+                f"{weights.name}: a ({k.shape[0]}, {k.shape[1]}) kernel holds NaN "
+                "or Inf; quantization needs finite weights"
+            )
+        qt = quantize_weight(k, weights)
         gs = None
         if acts is not None and acts.name == "nvfp4" and act_amax is not None:
             gs = formats.nvfp4_global_scale(jnp.asarray(act_amax, jnp.float32))

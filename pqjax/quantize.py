@@ -139,14 +139,17 @@ def quantize(
         amax = None if stats is None else jnp.max(stats.absmax)
         if wfmt is None:  # activation-only quantization keeps an unquantized weight
             raise NotImplementedError("weights=None (activation-only) is not supported yet")
-        q = QuantLinear.from_linear(
-            lin,
-            weights=wfmt,
-            acts=afmt,
-            act_amax=amax,
-            backend=config.backend,
-            kernel=plan.kernels.get(path),
-        )
+        try:
+            q = QuantLinear.from_linear(
+                lin,
+                weights=wfmt,
+                acts=afmt,
+                act_amax=amax,
+                backend=config.backend,
+                kernel=plan.kernels.get(path),
+            )
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
         if path in plan.qweights:
             qt = plan.qweights[path]
             q.codes[...], q.block_scale[...] = qt.codes, qt.block_scale

@@ -17,7 +17,10 @@ X = heavy_tailed(SHAPE, seed=11)  # the shared test shape: compiled programs are
 
 def test_names_and_get():
     ints = [f"int{b}" for b in range(2, 9)]
-    assert formats.names() == sorted(["nvfp4", "mxfp4", "fp8", *ints, *(f"{n}_asym" for n in ints)])
+    quartz = ["quartz", "quartz3", "quartz3_trunc", "quartz_trunc"]  # two-stage residual formats
+    assert formats.names() == sorted(
+        ["nvfp4", "mxfp4", "fp8", *ints, *(f"{n}_asym" for n in ints), *quartz]
+    )
     assert formats.get("int4").group == 64 and formats.get("int4").symmetric
     assert formats.get("int4_asym") == formats.get("int4", symmetric=False)
     assert formats.get("int4", group="channel") == formats.get("int4", group=None)
