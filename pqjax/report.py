@@ -6,6 +6,7 @@ report.save("out/")   # out/report.json and out/layer_errors.png (RTN vs the met
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import math
 from pathlib import Path
@@ -15,6 +16,8 @@ import numpy as np
 from flax import nnx
 
 from pqjax.layers import QuantLinear, QuantState
+from pqjax.models.conv import Conv2d
+from pqjax.models.layers import Linear
 
 if TYPE_CHECKING:
     from pqjax.methods import Plan
@@ -36,6 +39,26 @@ def model_bytes(model: nnx.Module, bits_16: bool = True) -> dict[str, int]:
     return {"quantized_bytes": quant + other, "bf16_bytes": bf16, "packed_weight_bytes": quant}
 
 
+def kept_16bit(model: nnx.Module, skip: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """The weight layers of a quantized `model` left in 16-bit, each with the reason:
+    Linears matching a `skip` pattern, and convolutions (never quantized; a depthwise conv
+    is a per-channel filter, not a matmul)."""
+    out = []
+    for path, node in nnx.iter_graph(model):
+        name = ".".join(str(p) for p in path)
+        if isinstance(node, Linear):
+            pat = next((p for p in skip if fnmatch.fnmatchcase(name, p)), None)
+            reason = f"skip pattern {pat!r}" if pat else "not quantized by the method"
+        elif isinstance(node, Conv2d):
+            cout = node.kernel.shape[-1]
+            depthwise = node.groups > 1 and node.groups == cout and node.kernel.shape[2] == 1
+            reason = "depthwise conv (per-channel filter)" if depthwise else "convolution"
+        else:
+            continue
+        out.append({"module": name, "reason": reason})
+    return out
+
+
 def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
@@ -51,6 +74,7 @@ class QuantReport:
     sizes: dict[str, int]
     seconds: float
     perms: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
+    kept_16bit: list[dict[str, str]] = dataclasses.field(default_factory=list)  # see kept_16bit
 
     @classmethod
     def build(
@@ -86,6 +110,7 @@ class QuantReport:
             sizes,
             seconds,
             perms=dict(plan.perms),
+            kept_16bit=kept_16bit(qmodel, tuple(config.skip)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,6 +133,7 @@ class QuantReport:
                 self.layers,
                 out / "layer_errors.png",
                 title=f"{self.label}: per-layer error, RTN vs {self.method}",
+                method=self.method,
             )
         return out / "report.json"
 
@@ -122,4 +148,4 @@ class QuantReport:
         return report
 
 
-__all__ = ["QuantReport", "QuantState", "model_bytes"]
+__all__ = ["QuantReport", "QuantState", "kept_16bit", "model_bytes"]

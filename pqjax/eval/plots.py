@@ -18,8 +18,10 @@ def _pyplot():
     return plt
 
 
-def layer_error_bars(layers: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
-    """Grouped bars of each layer's relative output error: RTN against the method (log scale)."""
+def layer_error_bars(
+    layers: Sequence[dict[str, Any]], path: str | Path, title: str, method: str = "method"
+) -> Path:
+    """Grouped bars of each layer's relative output error: RTN against `method` (log scale)."""
     plt = _pyplot()
     rows = [r for r in layers if "err_rtn" in r and "err" in r]
     names = [r["layer"] for r in rows]
@@ -28,7 +30,7 @@ def layer_error_bars(layers: Sequence[dict[str, Any]], path: str | Path, title: 
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(8, 0.16 * len(rows) + 2), 4.5))
     ax.bar(x - 0.2, rtn, 0.4, label="RTN", color="#9aa5b1")
-    ax.bar(x + 0.2, err, 0.4, label="method", color="#1f77b4")
+    ax.bar(x + 0.2, err, 0.4, label=method, color="#1f77b4")
     ax.set_yscale("log")
     ax.set_ylabel("relative output error  ||XW - Q(X)Q(W)||² / ||XW||²")
     ax.set_title(title)
