@@ -53,7 +53,10 @@ Candidates = Callable[
 
 
 def _divide_slice(model: nnx.Module, edit: Edit, s: np.ndarray, site: Site) -> None:
-    """Divide the edit's slice by s (role "linear"), or fold s into a (1 + m) chunk."""
+    """Divide the edit's slice by s (role "linear"), or fold s into a (1 + m) chunk; a
+    "perm_only" slice (a GLU's gate half) takes no scale."""
+    if edit.role == "perm_only":
+        return
     start, stop = edit.channels or (0, site.dim)
     sub = jnp.asarray(s[start:stop])
     var = module_at(model, edit.param)

@@ -174,6 +174,18 @@ class SanaTransformerBlock(nnx.Module):
             (jax.random.normal(key, (6, dim), jnp.float32) / dim**0.5).astype(dtype)
         )
 
+    def _shared_chunk(self, chunk: jax.Array, i: int) -> jax.Array:
+        """Chunk i `(b, dim)` of the shared `time_embed` output, in the order its norm reads.
+
+        A permutation absorbed into norm1 / norm2 (`norm.perm`) permutes this block's table rows
+        offline, but the AdaLN-single vector is shared by every block, so its shift and scale
+        chunks are gathered here (a `(b, dim)` gather per chunk); the gates stay in stream order.
+        """
+        norm = (self.norm1, self.norm1, None, self.norm2, self.norm2, None)[i]
+        if norm is None or norm.perm is None:
+            return chunk
+        return jnp.take(chunk, norm.perm[...], axis=-1)
+
     def __call__(
         self,
         x: jax.Array,
@@ -187,9 +199,9 @@ class SanaTransformerBlock(nnx.Module):
         context_bias: `(b, 1, s)` additive or None; temb: `(b, 6*dim)` from `time_embed`.
         """
         b = x.shape[0]
-        mod = self.scale_shift_table[...][None] + temb.reshape(b, 6, -1)
+        table, shared = self.scale_shift_table[...], temb.reshape(b, 6, -1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            mod[:, i] for i in range(6)
+            table[i][None] + self._shared_chunk(shared[:, i], i) for i in range(6)
         )
         nx = self.norm1(x, scale_msa, shift_msa).astype(x.dtype)
         x = x + gate_msa[:, None] * self.attn1(nx)

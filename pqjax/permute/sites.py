@@ -44,10 +44,6 @@ class Edit:
     # kernel -> kernel / s and bias -> (bias + 1) / s - 1; "perm_only" is permuted but takes
     # no scale (the gate half of a GLU: silu(gate) * value is linear in value only).
     role: str = "linear"
-    # How a per-channel scale s folds in (SmoothQuant-style methods): "linear" divides the
-    # slice by s; "mod_scale" is an AdaLN scale chunk used as (1 + scale), so
-    # kernel / s and bias -> (bias + 1) / s - 1.
-    role: str = "linear"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +59,6 @@ class Site:
     kind: str = "free"  # "norm" | "attn_out" | "ffn_hidden" | "free": for reports
     # A per-channel scale folds offline into the producers (no nonlinearity between producer
     # and consumers); otherwise it is applied online (QuantLinear.input_scale).
-    scalable: bool = True
-    # A per-channel scale can be folded offline into the producers (no nonlinearity between
-    # producer and consumers); otherwise it has to be applied online (QuantLinear.input_scale).
     scalable: bool = True
 
     def __post_init__(self):

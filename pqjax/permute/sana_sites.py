@@ -1,0 +1,113 @@
+"""SANA's permutation sites (diffusers `SanaTransformer2DModel`), on the shared mechanism.
+
+Per block `transformer_blocks.i` (d = inner_dim, h = the Mix-FFN hidden width):
+- `norm1` -> `attn1.to_q, to_k, to_v`: norm1 is a non-affine LayerNorm with AdaLN-single
+  modulation `table[0:2] + temb chunks 0:2`. The block's `scale_shift_table` rows 0 (shift)
+  and 1 (scale) are permuted offline; the shared `time_embed` vector cannot be (every block
+  reads it), so the block gathers its chunks with `norm1.perm` at run time (`(b, d)` each).
+- `attn1.out` -> `attn1.to_out.0`: within heads, through `attn1.to_v`'s columns (the ReLU
+  linear attention is linear in v per channel).
+- `attn2.out` -> `attn2.to_out.0`: within cross heads, through `attn2.to_v`'s columns.
+- `norm2` -> `ff.conv_inverted` (a 1x1 conv held as a Linear): table rows 3, 4 as for norm1.
+- `ff.hidden` (h channels) -> `ff.conv_point`: the GLU `value * silu(gate)` reads
+  conv_depth(silu(conv_inverted(x))) split in halves at 0 and h. One order serves both halves:
+  conv_inverted's columns and the depthwise conv's filters and bias at offsets 0 and h (a
+  depthwise conv commutes with a channel permutation). A per-channel scale folds into the
+  value half of the depthwise conv only; everything else is `perm_only`.
+And once for the model:
+- `caption_norm` -> every block's `attn2.to_k, attn2.to_v`: the caption RMSNorm is
+  permutation-equivariant, so the order goes into `caption_projection.linear_2`'s columns and
+  the norm's weight, with nothing gathered at run time.
+
+No site: `attn2.to_q` reads the raw residual stream (diffusers' block has no norm before the
+cross-attention), which only a run-time gather could permute; q/k outputs (RMSNorm across
+heads) are never permuted; the final norm feeds `proj_out`, which stays 16-bit.
+"""
+
+from __future__ import annotations
+
+from pqjax.models.sana import SanaTransformer2DModel
+from pqjax.permute.sites import Edit, Site, linear_out, register_sites
+
+# (norm, scale_shift_table shift row, scale row, consumers relative to the block)
+NORM_SITES = (
+    ("norm1", 0, 1, ("attn1.to_q", "attn1.to_k", "attn1.to_v")),
+    ("norm2", 3, 4, ("ff.conv_inverted",)),
+)
+
+
+def table_rows(table: str, shift: int, scale: int) -> tuple[Edit, ...]:
+    """Edits for an AdaLN-single `scale_shift_table` `(6, d)`: the shift row and the scale row
+    (used as 1 + scale)."""
+    return (
+        Edit(table, axis=0, index=shift),
+        Edit(table, axis=0, index=scale, role="mod_scale"),
+    )
+
+
+def depthwise_out(
+    model: SanaTransformer2DModel, path: str, offset: int, role: str
+) -> tuple[Edit, ...]:
+    """Edits for the site's channels placed from `offset` in a depthwise Conv2d's outputs:
+    kernel HWIO `(kh, kw, 1, c)` along axis 3, and the bias `(c,)`."""
+    from pqjax.permute.absorb import module_at
+
+    conv = module_at(model, path)
+    if conv.groups != conv.kernel.shape[3] or conv.kernel.shape[2] != 1:
+        raise ValueError(f"{path} is not a depthwise conv (kernel {conv.kernel.shape})")
+    edits = [Edit(f"{path}.kernel", axis=3, offset=offset, role=role)]
+    if conv.bias is not None:
+        edits.append(Edit(f"{path}.bias", axis=0, offset=offset, role=role))
+    return tuple(edits)
+
+
+@register_sites(SanaTransformer2DModel)
+def sana_sites(model: SanaTransformer2DModel) -> list[Site]:
+    c = model.config
+    d = c.inner_dim
+    out: list[Site] = []
+    for i, block in enumerate(model.transformer_blocks):
+        p = f"transformer_blocks.{i}"
+        for norm, shift, scale, consumers in NORM_SITES:
+            out.append(Site(
+                f"{p}.{norm}", d, kind="norm",
+                consumers=tuple(f"{p}.{n}" for n in consumers),
+                edits=table_rows(f"{p}.scale_shift_table", shift, scale),
+                norms=(f"{p}.{norm}",),
+                # the shared time_embed vector is part of shift and scale: no offline fold
+                scalable=False,
+            ))
+        for attn in ("attn1", "attn2"):
+            mod = getattr(block, attn)
+            inner = mod.heads * mod.head_dim
+            out.append(Site(
+                f"{p}.{attn}.out", inner, kind="attn_out",
+                consumers=(f"{p}.{attn}.to_out.0",),
+                edits=linear_out(model, f"{p}.{attn}.to_v"),
+                segments=((inner, mod.head_dim),),
+            ))
+        h = block.ff.hidden
+        ff = f"{p}.ff"
+        out.append(Site(
+            f"{ff}.hidden", h, kind="ffn_hidden",
+            consumers=(f"{ff}.conv_point",),
+            # SiLU follows conv_inverted: its columns only move; the value half of the
+            # depthwise conv feeds the GLU linearly and takes a scale.
+            edits=linear_out(model, f"{ff}.conv_inverted", role="perm_only")
+            + linear_out(model, f"{ff}.conv_inverted", offset=h, role="perm_only")
+            + depthwise_out(model, f"{ff}.conv_depth", 0, role="linear")
+            + depthwise_out(model, f"{ff}.conv_depth", h, role="perm_only"),
+        ))
+    out.append(Site(
+        "caption_norm", d, kind="norm",
+        consumers=tuple(
+            f"transformer_blocks.{i}.attn2.{n}"
+            for i in range(len(model.transformer_blocks))
+            for n in ("to_k", "to_v")
+        ),
+        edits=(
+            *linear_out(model, "caption_projection.linear_2", role="perm_only"),
+            Edit("caption_norm.scale", axis=0),
+        ),
+    ))
+    return out
