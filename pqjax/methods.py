@@ -111,12 +111,16 @@ def search_sites(
     *,
     desc: str = "permute",
     site_list: list[permute.Site] | None = None,
+    rotate_for: Callable[[permute.Site], str | None] | None = None,
+    baseline_key: str = "err_rtn",
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """PermuQuant's search at every site with a quantized consumer.
 
     Returns (perms, site report, layer report); layer errors are on calibration rows with
-    the accepted order (identity when rejected), so err <= err_rtn by construction.
-    site_list: the sites to search (default: all of `model`'s).
+    the accepted order (identity when rejected), so err <= the identity's error (under
+    `baseline_key`) by construction. site_list: the sites to search (default: all of
+    `model`'s). rotate_for: a site's online input transform (`pqjax.rotate` name), applied
+    after the permutation in every error evaluation and recorded as "transform".
     """
     wfmt, afmt = config.weight_format(), config.act_format()
     wanted = set(targets)
@@ -128,6 +132,7 @@ def search_sites(
         if stats is None:
             continue
         kernels = [kernel_of(model, c) for c in site.consumers]
+        name = None if rotate_for is None else rotate_for(site)
         res = permute.search(
             stats.rows,
             kernels,
@@ -140,8 +145,10 @@ def search_sites(
             act_mean_sq=stats.mean_sq,
             act_absmax=stats.absmax,
             seed=config.seed + i,
+            rotate=name,
         )
         perms[site.name] = res.perm
+        transform = {} if name is None else {"transform": name}
         site_rows[site.name] = {
             "kind": site.kind,
             "dim": site.dim,
@@ -150,6 +157,7 @@ def search_sites(
             "err_permuted": res.err_permuted,
             "criterion": res.criterion,
             "alpha": res.alpha,
+            **transform,
         }
         after = res.layer_err_permuted if res.accepted else res.layer_err_identity
         for c, b, a in zip(site.consumers, res.layer_err_identity, after):
@@ -157,11 +165,12 @@ def search_sites(
                 continue
             layer_rows[c] = {
                 "site": site.name,
-                "err_rtn": b,
+                baseline_key: b,
                 "err": a,
                 "accepted": res.accepted,
                 "criterion": res.criterion if res.accepted else "identity",
                 "alpha": res.alpha,
+                **transform,
             }
     return perms, site_rows, layer_rows
 

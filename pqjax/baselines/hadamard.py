@@ -34,11 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from pqjax import permute, rotate
 from pqjax.calibrate import Calibration
-from pqjax.methods import Plan, kernel_of, register_method, rtn_errors
+from pqjax.methods import Plan, kernel_of, register_method, rtn_errors, search_sites
 
 if TYPE_CHECKING:
     from pqjax.quantize import QuantConfig
@@ -118,55 +117,17 @@ def search_sites_rotated(
     Returns (accepted orders, site report, layer report); layer err is the rotated error under
     the accepted order, err_hadamard the rotated error under the identity.
     """
-    wfmt, afmt = config.weight_format(), config.act_format()
-    wanted = set(targets)
-    perms, site_rows, layer_rows = {}, {}, {}
-    todo = [s for s in permute.sites(model) if wanted.intersection(s.consumers)]
-    progress = tqdm(todo, desc="permute+rotate", unit="site", disable=not config.progress)
-    for i, site in enumerate(progress):
-        stats = calib.get(site.consumers[0])
-        if stats is None:
-            continue
-        name = transform_for(config, site.dim, kind)
-        res = permute.search(
-            stats.rows,
-            [kernel_of(model, c) for c in site.consumers],
-            weights=wfmt,
-            acts=afmt,
-            criterion=config.criterion,
-            alpha=config.alpha,
-            tau=config.tau,
-            segments=site.segments,
-            act_mean_sq=stats.mean_sq,
-            act_absmax=stats.absmax,
-            seed=config.seed + i,
-            rotate=name,
-        )
-        if res.accepted:
-            perms[site.name] = res.perm
-        site_rows[site.name] = {
-            "kind": site.kind,
-            "dim": site.dim,
-            "accepted": res.accepted,
-            "err_identity": res.err_identity,
-            "err_permuted": res.err_permuted,
-            "criterion": res.criterion,
-            "alpha": res.alpha,
-            "transform": name,
-        }
-        after = res.layer_err_permuted if res.accepted else res.layer_err_identity
-        for c, e_id, e in zip(site.consumers, res.layer_err_identity, after):
-            if c in wanted:
-                layer_rows[c] = {
-                    "site": site.name,
-                    "err_hadamard": e_id,
-                    "err": e,
-                    "accepted": res.accepted,
-                    "criterion": res.criterion if res.accepted else "identity",
-                    "alpha": res.alpha,
-                    "transform": name,
-                }
-    return perms, site_rows, layer_rows
+    perms, site_rows, layer_rows = search_sites(
+        model,
+        calib,
+        config,
+        targets,
+        desc="permute+rotate",
+        rotate_for=lambda site: transform_for(config, site.dim, kind),
+        baseline_key="err_hadamard",
+    )
+    accepted = {k: v for k, v in perms.items() if site_rows[k]["accepted"]}
+    return accepted, site_rows, layer_rows
 
 
 @register_method("permuquant_h")
