@@ -10,7 +10,7 @@ Module names mirror diffusers', so checkpoints map onto it by rule.
     v = model(hidden_states=latents,              # (b, 32, H/32, W/32) NCHW DC-AE latents
               encoder_hidden_states=gemma,        # (b, 300, 2304) Gemma-2-2B-it hidden states
               encoder_attention_mask=mask,        # (b, 300) 1 = token, 0 = padding
-              timestep=t)                         # (b,) sigma * 1000, see below
+              timestep=t)                         # (b,) int(sigma * 1000), see below
     # v: (b, 32, H/32, W/32), the flow velocity (noise - x0)
 
 Sampling, as `diffusers.SanaPipeline` runs SANA-1.5-1.6B (pipelines/sana/pipeline_sana.py and
@@ -20,7 +20,8 @@ diffusers' scripts/convert_sana_to_diffusers.py, which writes the scheduler conf
   `final_sigmas_type="zero"` (the "flow-dpm_solver" of the SANA paper). flow_shift is 6.0 only
   for the 4K models.
 - Sigmas: `s = 1 - linspace(1, 1/1000, steps + 1)`, shifted `3 s / (1 + 2 s)`, reversed, last
-  dropped; the transformer receives `timestep = sigma * 1000` (float, in (0, 1000]) times
+  dropped; the transformer receives the scheduler's integer timestep `int(sigma * 1000)` (as
+  diffusers' DPMSolverMultistepScheduler truncates it; `pqjax.pipelines.sana`) times
   `config.timestep_scale` (1.0 here), broadcast to the batch. No further scaling happens
   inside the model (unlike FLUX, which multiplies by 1000 itself).
 - Defaults: `num_inference_steps=20`, `guidance_scale=4.5` (true classifier-free guidance: the
