@@ -1,0 +1,97 @@
+"""Every PTQ method on the same model, calibration data and formats: the comparison table.
+
+    .venv/bin/python benchmarks/compare_methods.py            # all methods x 3 formats
+    .venv/bin/python benchmarks/compare_methods.py --methods rtn,permuquant --per-digit 2
+
+On the embedded trained tiny FLUX: one calibration (the model's own trajectories for its
+calibration prompts) shared by every method; W4A4 NVFP4, W4A4 INT4 g64 and W3A3 INT3 g64;
+the same evaluation prompts and seeds for every run. Columns follow the paper's where they
+apply: PSNR against full precision, classifier accuracy, Frechet distance of classifier
+features against real digits, mean layer error, quantization time. QuaRTZ is a 4-bit format,
+so it runs in the 4-bit settings only. Writes benchmarks/results/compare_methods.{json,md}
+and the image grids under benchmarks/results/compare_methods/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import RESULTS, write_results
+from pqjax.api import calibrate_pipeline
+from pqjax.baselines.quartz import quartz_config
+from pqjax.eval.compare import EvalSpec, compare
+from pqjax.eval.metrics import DigitMetrics
+from pqjax.methods import method_names
+from pqjax.pipelines.load import load_pipeline
+from pqjax.quantize import QuantConfig
+
+SETTINGS = (("W4A4 NVFP4", "nvfp4", None), ("W4A4 INT4 g64", "int4", 64),
+            ("W3A3 INT3 g64", "int3", 64))
+ORDER = ("rtn", "smoothquant", "ptq4dit", "omniquant_lwc", "gptq", "svdquant", "hadamard",
+         "convrot", "quartz", "permuquant", "permuquant_gptq", "permuquant_h")
+
+
+def configs_for(setting: tuple, methods: list[str]) -> list[QuantConfig]:
+    _, fmt, group = setting
+    out = []
+    for m in methods:
+        config = QuantConfig(weights=fmt, acts=fmt, group=group, method=m, progress=False)
+        if m == "quartz":
+            if fmt == "int3":
+                continue  # QuaRTZ is a 4-bit scheme
+            config = quartz_config(config)  # its own 4-bit format in both 4-bit settings
+        out.append(config)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(m for m in ORDER if m in method_names()))
+    parser.add_argument("--per-digit", type=int, default=5)
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(method_names()))
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; available: {method_names()}")
+    fp = load_pipeline()
+    calib = calibrate_pipeline(fp, n_rows=256, track_batches=64, progress=True)
+    metrics = DigitMetrics()
+    spec = EvalSpec.digits(per_digit=args.per_digit)
+    tables, everything = [], {}
+    for setting in SETTINGS:
+        runs = compare(fp, calib, configs_for(setting, methods), spec,
+                       RESULTS / "compare_methods" / setting[1], digit_metrics=metrics)
+        everything[setting[0]] = runs
+        tables.append(table(setting[0], runs))
+    date = datetime.date.today().isoformat()
+    cmd = "`.venv/bin/python benchmarks/compare_methods.py" + (
+        "`" if args.methods == parser.get_default("methods") else f" --methods {args.methods}`")
+    md = (f"Made {date} with {cmd} on the embedded tiny FLUX ({len(spec.prompts)} images per "
+          "run, same seeds).\n\n" + "\n\n".join(tables))
+    print(md)
+    write_results("compare_methods", {"runs": everything}, md)
+
+
+def table(title: str, runs: dict) -> str:
+    fp = runs["full_precision"]
+    lines = [f"**{title}**", "",
+             "| method | PSNR vs FP (dB) ↑ | accuracy ↑ | Fréchet ↓ | mean layer error ↓ | "
+             "quantize s |", "|---|---|---|---|---|---|",
+             f"| full precision | ∞ | {fp['accuracy']:.3f} | {fp['frechet']:.2f} | – | – |"]
+    rows = [(name, r) for name, r in runs.items() if name != "full_precision"]
+    best_psnr = max(r["psnr_vs_fp"] for _, r in rows)
+    for _, r in rows:
+        mark = "**" if r["psnr_vs_fp"] == best_psnr else ""
+        lines.append(f"| {r['method']} | {mark}{r['psnr_vs_fp']:.2f}{mark} | {r['accuracy']:.3f} |"
+                     f" {r['frechet']:.2f} | {r['mean_layer_error']:.4f} | "
+                     f"{r['quantize_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
