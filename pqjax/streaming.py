@@ -49,10 +49,11 @@ class StreamInterrupted(RuntimeError):
 
 
 def _rel(site: permute.Site, prefix: str) -> permute.Site:
-    """`site` with its paths re-rooted at the block `prefix`."""
+    """`site` with its name and paths re-rooted at the block `prefix`."""
     cut = len(prefix) + 1
     return dataclasses.replace(
         site,
+        name=site.name[cut:],
         consumers=tuple(c[cut:] for c in site.consumers),
         edits=tuple(dataclasses.replace(e, param=e.param[cut:]) for e in site.edits),
         norms=tuple(n[cut:] for n in site.norms),

@@ -11,7 +11,9 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 
+import convert  # noqa: E402
 import pqjax  # noqa: E402
+from pqjax import permute  # noqa: E402
 from pqjax.streaming import StreamInterrupted, stream_quantize  # noqa: E402
 from tests.models.test_flux import make_inputs, torch_flux  # noqa: E402
 from tests.parity import to_jax  # noqa: E402
@@ -53,6 +55,10 @@ def test_resume_after_interruption_equals_uninterrupted(sharded, tmp_path):
         np.testing.assert_array_equal(bits(a[key]), bits(b[key]), err_msg=str(key))
     assert isinstance(whole.transformer_blocks[0].attn.to_q, pqjax.QuantLinear)
     assert all(r["err"] <= r["err_rtn"] for r in report.layers)
+    # site names are the model's own (absolute, as permute.sites(model) names them)
+    names = {s.name for s in permute.sites(convert.load_transformer(folder))}
+    assert report.sites and {r["site"] for r in report.sites} <= names
+    assert set(report.perms) <= names
     out = np.asarray(whole(**batches[0]))
     assert out.shape == (2, 16, 8) and np.isfinite(out).all()
 
