@@ -102,7 +102,7 @@ def main() -> None:
     plain_rtn(block, config)  # warm-up
     results = {"rtn_plain": {"seconds": plain_rtn(block, config)}}
     for method in ("rtn", "permuquant"):
-        run(method, block, model, cache[:2], 256)  # warm-up: compile every shape once
+        run(method, block, model, cache, 256)  # warm-up: compile every shape once
         seconds, entry = run(method, block, model, cache, 256)
         rows = entry["report_layers"].values()
         results[method] = {
@@ -110,6 +110,11 @@ def main() -> None:
             "mean_layer_error": float(np.mean([r["err"] for r in rows])),
             "sites_accepted": sum(bool(s.get("accepted")) for s in entry["report_sites"].values()),
             "n_sites": len(entry["report_sites"]),
+            "sites": {
+                name: {k: site[k] for k in ("accepted", "err_identity", "err_permuted")
+                       if k in site}
+                for name, site in entry["report_sites"].items()
+            },
         }
         print(method, results[method])
     p, r, plain = results["permuquant"], results["rtn"], results["rtn_plain"]

@@ -257,6 +257,9 @@ def quantize_block(
         accepted = {s: p for s, p in perms.items() if site_rows[s]["accepted"]}
         q = permute.absorb(fp, accepted, site_list=block_sites)
         perms = accepted
+        rest = [t for t in targets if t not in layer_rows]  # read by no site (e.g. AdaLN linears)
+        for path, err in rtn_errors(fp, calib_rel, config, rest).items():
+            layer_rows[path] = {"err_rtn": err, "err": err, "accepted": False, "site": None}
     else:
         site_rows = {}
         layer_rows = {

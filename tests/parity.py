@@ -4,6 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 
+# The tiny FLUX the quantization tests share: one double and one single block, inner dim 64
+# (2 heads of 32), guidance embedding on (diffusers FluxTransformer2DModel keyword arguments).
+TINY_FLUX = dict(
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=32,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=16,
+    guidance_embeds=True,
+    axes_dims_rope=(8, 12, 12),
+    in_channels=8,
+)
+
 
 def rel_err(out, ref) -> float:
     """max |out - ref| / max |ref|: the error relative to the output scale."""

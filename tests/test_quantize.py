@@ -17,19 +17,9 @@ from pqjax.models.layers import Linear  # noqa: E402
 from pqjax.quantize import quantizable  # noqa: E402
 from pqjax.report import QuantReport  # noqa: E402
 from tests.models.test_flux import make_inputs, torch_flux  # noqa: E402
-from tests.parity import to_jax  # noqa: E402
+from tests.parity import TINY_FLUX, to_jax  # noqa: E402
 
-CFG = dict(
-    num_layers=1,
-    num_single_layers=1,
-    attention_head_dim=32,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    pooled_projection_dim=16,
-    guidance_embeds=True,
-    axes_dims_rope=(8, 12, 12),
-    in_channels=8,
-)
+CFG = TINY_FLUX
 
 
 @pytest.fixture(scope="module")

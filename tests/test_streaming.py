@@ -59,6 +59,9 @@ def test_resume_after_interruption_equals_uninterrupted(sharded, tmp_path):
     names = {s.name for s in permute.sites(convert.load_transformer(folder))}
     assert report.sites and {r["site"] for r in report.sites} <= names
     assert set(report.perms) <= names
+    # every quantized layer is in the report, site or not (AdaLN linears read temb, no site)
+    quantized = {p for p, m in nnx.iter_graph(whole) if isinstance(m, pqjax.QuantLinear)}
+    assert {r["layer"] for r in report.layers} == {".".join(map(str, p)) for p in quantized}
     out = np.asarray(whole(**batches[0]))
     assert out.shape == (2, 16, 8) and np.isfinite(out).all()
 

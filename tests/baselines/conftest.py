@@ -16,19 +16,8 @@ import pqjax
 from pqjax.methods import Plan
 from pqjax.permute.absorb import module_at
 from pqjax.quantize import set_module
+from tests.parity import TINY_FLUX
 
-# A tiny FLUX: one double and one single block, inner dim 64 (2 heads of 32).
-TINY_FLUX = dict(
-    num_layers=1,
-    num_single_layers=1,
-    attention_head_dim=32,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    pooled_projection_dim=16,
-    guidance_embeds=True,
-    axes_dims_rope=(8, 12, 12),
-    in_channels=8,
-)
 N_STEPS = 3  # calibration batches, each standing for one timestep
 
 

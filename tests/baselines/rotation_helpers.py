@@ -17,18 +17,9 @@ from pqjax.models.flux import FluxConfig, FluxTransformer2DModel
 from pqjax.permute.absorb import module_at
 from pqjax.quantize import set_module
 from pqjax.rotate import apply_input_transform
+from tests.parity import TINY_FLUX
 
-CFG = FluxConfig(
-    num_layers=1,
-    num_single_layers=1,
-    attention_head_dim=32,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    pooled_projection_dim=16,
-    guidance_embeds=True,
-    axes_dims_rope=(8, 12, 12),
-    in_channels=8,
-)
+CFG = FluxConfig(**TINY_FLUX)
 
 
 def randomize(model: nnx.Module, std: float = 0.2, seed: int = 0) -> None:

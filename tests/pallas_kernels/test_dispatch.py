@@ -23,18 +23,9 @@ from pqjax.layers import QuantLinear
 from pqjax.models.flux import FluxConfig, FluxTransformer2DModel
 from pqjax.models.layers import LayerNorm, Linear, Permutation, RMSNorm
 from pqjax.quantize import DEFAULT_SKIP
+from tests.parity import TINY_FLUX
 
-CFG = dict(
-    num_layers=1,
-    num_single_layers=1,
-    attention_head_dim=32,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    pooled_projection_dim=16,
-    guidance_embeds=True,
-    axes_dims_rope=(8, 12, 12),
-    in_channels=8,
-)
+CFG = TINY_FLUX
 N_TXT, H, W = 8, 2, 4  # 8 text and 8 image tokens: the two streams share kernel shapes
 
 
