@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from convert.safetensors_io import CheckpointError
+from convert.safetensors_io import CheckpointError, host_array
 
 # torch layout -> flax layout, and back.
 _TO_FLAX: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -119,7 +119,11 @@ def load_params(
             raise CheckpointError(f"{where(key)}: key {key!r} has non-float dtype {arr.dtype}")
         # Cast on the host (a device-side cast compiles one convert per shape) and hand XLA a
         # contiguous buffer: jnp.asarray of a transposed view makes an extra copy.
-        var.set_value(jax.device_put(np.ascontiguousarray(arr, dtype=np.dtype(dtype))))
+        if not (arr.flags.c_contiguous and arr.dtype == np.dtype(dtype)):
+            out = host_array(arr.shape, dtype)
+            np.copyto(out, arr, casting="unsafe")
+            arr = out
+        var.set_value(jax.device_put(arr))
         del raw, arr
         seen.add(key)
     missing = sorted(set(refs) - seen)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import mmap
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator
@@ -115,12 +116,28 @@ class SafetensorsFile:
     def read(self, key: str) -> np.ndarray:
         """The tensor `key` as a fresh numpy array in its stored dtype."""
         info = self.tensors[key]
-        buf = bytearray(info.end - info.begin)
+        out = host_array(info.shape, info.dtype)
+        buf = out.reshape(-1).view(np.uint8)
         with open(self.path, "rb") as f:
             f.seek(info.begin)
             if f.readinto(buf) != len(buf):
                 raise CheckpointError(f"{self.path}: truncated while reading key {key!r}")
-        return np.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        return out
+
+
+def host_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array in its own anonymous memory map.
+
+    Freeing it returns the pages to the OS at once. Tensor-sized temporaries from malloc stay
+    in the heap between the long-lived weights instead (glibc raises its mmap threshold after
+    the first large free), which adds ~15% to the peak when a model is loaded one tensor at a
+    time.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes == 0:
+        return np.empty(shape, dtype)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).reshape(shape)
 
 
 class Checkpoint:

@@ -72,9 +72,9 @@ def test_sharded_conversion_peak_memory(tmp_path):
     r = json.loads(result.stdout.strip().splitlines()[-1])
     growth = r["peak"] - r["base"]
     assert r["model_bytes"] >= 0.95 * ckpt_bytes  # float32 in, float32 out: same size
-    # One copy of the weights plus the largest tensor in flight and allocator slack (~15% with
-    # glibc malloc even for plain numpy copies); loading every shard first and converting
-    # afterwards would need two copies.
-    assert growth < 1.3 * r["model_bytes"], (
+    # One copy of the weights plus the largest tensor in flight (~6% measured: temporaries are
+    # page-mapped, so they leave no heap slack between the weights); loading every shard first
+    # and converting afterwards would need two copies.
+    assert growth < 1.2 * r["model_bytes"], (
         f"peak RSS grew by {growth / 2**20:.0f} MiB for a {r['model_bytes'] / 2**20:.0f} MiB model"
     )
