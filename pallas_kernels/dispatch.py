@@ -4,6 +4,7 @@
     y, xq = permuted_norm(norm, x, scale, shift, quant=fmt, global_scale=gs)   # fused output
     y = quant_linear(qlin, x)                         # QuantLinear: quantize x, FP4 matmul
     y = quant_linear(qlin, x, xq=xq)                  # reuse the norm's quantized output
+                                                      # (in a model: pallas_kernels.fusion)
 
 Modes (`mode()`): "kernel" on a CUDA GPU; "interpret" when forced (argument interpret=True or
 the environment variable PQJAX_PALLAS_INTERPRET=1: the same kernels run on CPU through the
@@ -121,10 +122,13 @@ def permuted_norm(
     problem = None if m == "xla" else _norm_problem(x, scale, shift, quant, global_scale)
     if problem is not None:
         fallback(f"permuted_norm ({kind})", problem)
+    # Without modulation rows are independent: any leading dimensions become (1, rows, d).
+    mod = scale is not None or shift is not None
+    x3 = x if x.ndim == 3 or mod else x.reshape(1, -1, x.shape[-1])
     if m == "xla" or problem is not None:
-        return permuted_norm_reference(x, *args, **kw)
-    x3 = x if x.ndim == 3 else x.reshape(1, -1, x.shape[-1])
-    out = norm_kernel(x3, *args, **kw, interpret=m == "interpret")
+        out = permuted_norm_reference(x3, *args, **kw)
+    else:
+        out = norm_kernel(x3, *args, **kw, interpret=m == "interpret")
     if x.ndim == 3:
         return out
     if quant is None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pqjax import formats
@@ -148,7 +149,11 @@ class QuantLinear(nnx.Module):
             return self.act_fmt.quantize(x, **kwargs).dequantize(x.dtype)
         return self.act_fmt.fake_quant(x, dtype=x.dtype, **kwargs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: Any) -> jax.Array:
+        """x `(..., d_in)`, or a fused norm's PendingNorm ("pallas": the norm quantized x)."""
+        xq = None
+        if not isinstance(x, jax.Array | np.ndarray):
+            x, xq = x.resolve(self)  # pallas_kernels.fusion.PendingNorm
         if self.observer is not None:
             self.observer(x)
         x = x.astype(self.dtype)
@@ -157,7 +162,7 @@ class QuantLinear(nnx.Module):
         if self.backend == "pallas":
             from pallas_kernels.dispatch import quant_linear
 
-            return quant_linear(self, x)  # bias and low-rank branch fused as its epilogue
+            return quant_linear(self, x, xq=xq)  # bias and low-rank branch as its epilogue
         return self.xla_forward(x)
 
     def xla_forward(self, x: jax.Array) -> jax.Array:
@@ -185,7 +190,11 @@ class QuantLinear(nnx.Module):
 
 
 def set_backend(model: nnx.Module, backend: str) -> nnx.Module:
-    """Switch every QuantLinear (and fused-norm user) in `model` to `backend`, in place."""
+    """Switch every QuantLinear and norm in `model` to `backend`, in place.
+
+    With "pallas", norms whose consumers allow it also quantize for them in the same kernel
+    pass (`pallas_kernels.fusion.plan`).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     for _, node in nnx.iter_graph(model):
@@ -193,4 +202,9 @@ def set_backend(model: nnx.Module, backend: str) -> nnx.Module:
             node.backend = backend
         elif isinstance(node, LayerNorm | RMSNorm):
             node.backend = "pallas" if backend == "pallas" else "xla"
+            node.fuse_quant = False
+    if backend == "pallas":
+        from pallas_kernels import fusion
+
+        fusion.plan(model)
     return model

@@ -205,3 +205,24 @@ def test_smoothquant_plan_is_exact_with_glu_gates(calibrated):
     assert any(row["folded"] for row in plan.sites.values())
     out = np.asarray(calibrated.forward(plan_model(plan), calibrated.held_out))
     assert rel_output_error(out, calibrated.ref) < 1e-5
+
+
+def test_pallas_backend_on_cpu_is_the_xla_path(calibrated):
+    """The "pallas" backend where the kernels do not run (CPU) gives the "xla" backend's output
+    bit for bit, fused norms included: Z-Image's norms quantize for their consumers; SANA's
+    norm outputs are cast or reshaped before them, so they are not fused, and the plan says so."""
+    from pallas_kernels import fusion
+
+    qmodel, _, _ = calibrated.run("W4A4 nvfp4", "permuquant")
+    want = np.asarray(calibrated.forward(qmodel, calibrated.held_out))
+    pqjax.set_backend(qmodel, "pallas")
+    try:
+        plan = fusion.plan(qmodel)
+        got = np.asarray(calibrated.forward(qmodel, calibrated.held_out))
+    finally:
+        pqjax.set_backend(qmodel, "xla")
+    np.testing.assert_array_equal(got, want)
+    if calibrated.name == "zimage":
+        assert plan and all(reason is None for reason in plan.values()), plan
+    else:
+        assert plan and all("transformed" in reason for reason in plan.values()), plan

@@ -98,6 +98,18 @@ def modulate(y: jax.Array, scale: jax.Array | None, shift: jax.Array | None) -> 
     return y
 
 
+def _pallas_norm(norm: Any, x: jax.Array, scale: jax.Array | None, shift: jax.Array | None) -> Any:
+    """The "pallas" backend's norm: the kernel, or, when the norm quantizes for its consumers,
+    a PendingNorm that the first of them runs (`pallas_kernels.fusion`)."""
+    if norm.fuse_quant:
+        from pallas_kernels.fusion import PendingNorm
+
+        return PendingNorm(norm, x, scale, shift)
+    from pallas_kernels.dispatch import permuted_norm
+
+    return permuted_norm(norm, x, scale, shift)
+
+
 class LayerNorm(nnx.Module):
     """LayerNorm over the last axis, optionally affine, optionally reading `x[..., perm]`.
 
@@ -123,6 +135,7 @@ class LayerNorm(nnx.Module):
         self.bias = nnx.data(nnx.Param(jnp.zeros((dim,), dtype)) if affine and use_bias else None)
         self.perm = nnx.data(None)
         self.backend = "xla"  # "pallas": the fused kernel (pqjax.set_backend switches it)
+        self.fuse_quant = False  # "pallas": also quantize for the consumers (fusion.plan)
 
     def normalize(self, x: jax.Array) -> jax.Array:
         x32 = _gather(x, self.perm).astype(jnp.float32)
@@ -140,9 +153,7 @@ class LayerNorm(nnx.Module):
         self, x: jax.Array, scale: jax.Array | None = None, shift: jax.Array | None = None
     ) -> jax.Array:
         if self.backend == "pallas":
-            from pallas_kernels.dispatch import permuted_norm
-
-            return permuted_norm(self, x, scale, shift)
+            return _pallas_norm(self, x, scale, shift)
         return modulate(self.normalize(x), scale, shift)
 
 
@@ -167,6 +178,7 @@ class RMSNorm(nnx.Module):
         self.scale = nnx.data(nnx.Param(jnp.ones((dim,), dtype)) if elementwise_affine else None)
         self.perm = nnx.data(None)
         self.backend = "xla"  # "pallas": the fused kernel (pqjax.set_backend switches it)
+        self.fuse_quant = False  # "pallas": also quantize for the consumers (fusion.plan)
 
     def normalize(self, x: jax.Array) -> jax.Array:
         x32 = _gather(x, self.perm).astype(jnp.float32)
@@ -179,9 +191,7 @@ class RMSNorm(nnx.Module):
         self, x: jax.Array, scale: jax.Array | None = None, shift: jax.Array | None = None
     ) -> jax.Array:
         if self.backend == "pallas":
-            from pallas_kernels.dispatch import permuted_norm
-
-            return permuted_norm(self, x, scale, shift)
+            return _pallas_norm(self, x, scale, shift)
         return modulate(self.normalize(x), scale, shift)
 
 

@@ -26,13 +26,13 @@ def flux_sites(model: FluxTransformer2DModel) -> list[Site]:
         mlp = block.ff.net[0].proj.out_features
         for norm1, q, k, v, norm2, ff in STREAMS:
             out.append(Site(
-                f"{p}.{norm1}", d, kind="norm",
+                f"{p}.{norm1}", d, kind="norm", direct=True,
                 consumers=(f"{p}.attn.{q}", f"{p}.attn.{k}", f"{p}.attn.{v}"),
                 edits=modulation(model, f"{p}.{norm1}.linear", d, shift=0, scale=1),  # *_msa
                 norms=(f"{p}.{norm1}.norm",),
             ))
             out.append(Site(
-                f"{p}.{norm2}", d, kind="norm",
+                f"{p}.{norm2}", d, kind="norm", direct=True,
                 consumers=(f"{p}.{ff}.net.0.proj",),
                 edits=modulation(model, f"{p}.{norm1}.linear", d, shift=3, scale=4),  # *_mlp
                 norms=(f"{p}.{norm2}",),
@@ -53,7 +53,7 @@ def flux_sites(model: FluxTransformer2DModel) -> list[Site]:
         p = f"single_transformer_blocks.{j}"
         mlp = block.mlp_hidden_dim
         out.append(Site(
-            f"{p}.norm", d, kind="norm",
+            f"{p}.norm", d, kind="norm", direct=True,
             consumers=(f"{p}.attn.to_q", f"{p}.attn.to_k", f"{p}.attn.to_v", f"{p}.proj_mlp"),
             edits=modulation(model, f"{p}.norm.linear", d, shift=0, scale=1),
             norms=(f"{p}.norm.norm",),

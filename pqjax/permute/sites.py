@@ -60,6 +60,9 @@ class Site:
     # A per-channel scale folds offline into the producers (no nonlinearity between producer
     # and consumers); otherwise it is applied online (QuantLinear.input_scale).
     scalable: bool = True
+    # The norm's output goes straight into the consumers, with no op between, so the norm
+    # kernel may quantize it for them (pallas_kernels.fusion).
+    direct: bool = False
 
     def __post_init__(self):
         if not self.segments:

@@ -29,7 +29,7 @@ def zimage_sites(model: ZImageTransformer2DModel) -> list[Site]:
                 adaln_consumers.append(f"{p}.adaLN_modulation.0")
             ada = f"{p}.adaLN_modulation.0"
             out.append(Site(
-                f"{p}.attention_norm1", d, kind="norm",
+                f"{p}.attention_norm1", d, kind="norm", direct=True,
                 consumers=tuple(f"{p}.attention.{n}" for n in ("to_q", "to_k", "to_v")),
                 edits=modulation(model, ada, d, scale=0) if mod else (),
                 norms=(f"{p}.attention_norm1",),
@@ -42,7 +42,7 @@ def zimage_sites(model: ZImageTransformer2DModel) -> list[Site]:
                 segments=((inner, attn.head_dim),),
             ))
             out.append(Site(
-                f"{p}.ffn_norm1", d, kind="norm",
+                f"{p}.ffn_norm1", d, kind="norm", direct=True,
                 consumers=(f"{p}.feed_forward.w1", f"{p}.feed_forward.w3"),
                 edits=modulation(model, ada, d, scale=2) if mod else (),
                 norms=(f"{p}.ffn_norm1",),

@@ -163,13 +163,50 @@ def test_flux_blocks_pallas_matches_xla(tiny_flux):
     qmodel, inputs = tiny_flux
     want = _blocks(qmodel, inputs)
     pqjax.set_backend(qmodel, "pallas")
+    calls = []
+    quantize = dispatch.quantize_activations
+
+    def counted(x, *args, **kw):
+        calls.append(x.shape)
+        return quantize(x, *args, **kw)
+
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), pytest.MonkeyPatch.context() as mp:
             warnings.simplefilter("error", dispatch.PallasFallbackWarning)  # kernels serve all
+            mp.setattr(dispatch, "quantize_activations", counted)
             got = _blocks(qmodel, inputs)
     finally:
         pqjax.set_backend(qmodel, "xla")
+    # The norms quantize for to_q/k/v, add_q/k/v, both FFN inputs and the single block's
+    # q/k/v + proj_mlp; only the layers after attention or GELU quantize their own input:
+    # to_out.0, to_add_out, ff.net.2, ff_context.net.2 and proj_out.
+    assert len(calls) == 5, calls
     for g, w in zip(got, want):
         g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
         scale = np.abs(w).max()
         assert np.abs(g - w).max() <= 1e-4 * scale, (np.abs(g - w).max(), scale)
+
+
+def test_fusion_plan(tiny_flux):
+    """set_backend("pallas") marks the norm of every FLUX norm site, and only those; switching
+    back unmarks them. A consumer that cannot take the norm's codes stops the fusion."""
+    from pallas_kernels import fusion
+
+    qmodel, _ = tiny_flux
+    pqjax.set_backend(qmodel, "pallas")
+    try:
+        plan = fusion.plan(qmodel)
+        fused = {".".join(map(str, path)) for path, node in nnx.iter_graph(qmodel)
+                 if getattr(node, "fuse_quant", False)}
+    finally:
+        pqjax.set_backend(qmodel, "xla")
+    want = {"transformer_blocks.0.norm1.norm", "transformer_blocks.0.norm1_context.norm",
+            "transformer_blocks.0.norm2", "transformer_blocks.0.norm2_context",
+            "single_transformer_blocks.0.norm.norm"}
+    assert plan == dict.fromkeys(want) and fused == want
+    assert not any(getattr(n, "fuse_quant", False) for _, n in nnx.iter_graph(qmodel))
+    attn = qmodel.transformer_blocks[0].attn
+    assert fusion.why_not([attn.to_q, attn.to_k, attn.to_v]) is None
+    other = _qlin("mxfp4", "mxfp4")
+    assert "activation format" in fusion.why_not([attn.to_q, other])
+    assert "QuantLinear" in fusion.why_not([attn.to_q, Linear(4, 4, rngs=nnx.Rngs(0))])

@@ -1,0 +1,107 @@
+"""One kernel pass from the residual stream to packed activations: the norm quantizes for its
+consumers.
+
+    pqjax.set_backend(qmodel, "pallas")   # calls plan(qmodel): marks the norms it can fuse
+    out = qmodel(**inputs)                # FLUX norm1 writes NVFP4 codes once; to_q/k/v read them
+
+A norm is fused when it heads a permutation site that declares its output goes straight into
+the consumers (`Site.direct`), and every consumer is a QuantLinear that the FP4 matmul kernel
+serves, with the same activation format and static global scale and no online input scale or
+transform. Its `__call__` then returns a `PendingNorm`. The first consumer runs the permuted
+norm kernel with its activation format (gather, normalise, modulate and quantize in one pass)
+and the others reuse the result, so no consumer quantizes the activations again. Where the
+kernels do not run ("xla" mode) the pending norm resolves to the plain norm.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from pallas_kernels import dispatch
+from pallas_kernels.kernel_math import QuantSpec
+from pqjax import formats
+
+
+class PendingNorm:
+    """A fused norm's call, run by its first QuantLinear consumer; lives within one trace.
+
+    x `(B, T, d)` (or `(..., d)`), scale / shift `(B, d)` or None, as for the norm itself.
+    """
+
+    def __init__(self, norm: Any, x: jax.Array, scale: jax.Array | None, shift: jax.Array | None):
+        self.norm, self.x, self.scale, self.shift = norm, x, scale, shift
+        self._out: tuple[jax.Array, formats.QTensor | None] | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.x.shape
+
+    def resolve(self, qlin: Any) -> tuple[jax.Array, formats.QTensor | None]:
+        """(y, xq): the norm's output and, where the kernels run, y quantized in `qlin`'s
+        activation format (the same for every consumer, which `plan` checked)."""
+        if self._out is None:
+            args = (self.norm, self.x, self.scale, self.shift)
+            if dispatch.mode() == "xla":
+                self._out = (dispatch.permuted_norm(*args), None)
+            else:
+                gs = None if qlin.act_global_scale is None else qlin.act_global_scale[...]
+                self._out = dispatch.permuted_norm(*args, quant=qlin.act_fmt, global_scale=gs)
+        return self._out
+
+
+def why_not(consumers: list[Any]) -> str | None:
+    """Why a norm read by `consumers` cannot quantize for them, or None when it can."""
+    from pqjax.layers import QuantLinear
+
+    if not consumers or not all(isinstance(c, QuantLinear) for c in consumers):
+        return "not every consumer is a QuantLinear"
+    first = consumers[0]
+    for c in consumers:
+        if c.act_fmt is None or c.act_fmt != first.act_fmt:
+            return "the consumers do not share one activation format"
+        if c.input_scale is not None or c.input_transform is not None:
+            return "a consumer scales or transforms its input online"
+        if c.weight_fmt.name not in dispatch.FP4 or c.act_fmt.name not in dispatch.FP4:
+            return f"{c.weight_fmt.name} weights / {c.act_fmt.name} activations (kernels: FP4)"
+        if (c.act_global_scale is None) != (first.act_global_scale is None):
+            return "some consumers have a static activation global scale and some do not"
+        if c.act_global_scale is not None and not np.array_equal(
+            np.asarray(c.act_global_scale[...]), np.asarray(first.act_global_scale[...])
+        ):
+            return "the consumers' activation global scales differ"
+    try:
+        QuantSpec.from_format(first.act_fmt)
+    except NotImplementedError as e:
+        return str(e)
+    if first.act_fmt.name == "nvfp4" and first.act_global_scale is None:
+        return "nvfp4 activations without a calibrated global scale"
+    return None
+
+
+def plan(model: nnx.Module, enable: bool = True) -> dict[str, str | None]:
+    """Mark (or, with enable=False, unmark) the norms of `model` that quantize for their
+    consumers. Returns {norm path: None if fused, else the reason it is not}."""
+    from pqjax.permute.absorb import module_at
+    from pqjax.permute.sites import sites
+
+    try:
+        model_sites = sites(model)
+    except TypeError:  # a model with no declared sites: nothing is fused
+        return {}
+    out: dict[str, str | None] = {}
+    for site in model_sites:
+        for path in site.norms:
+            norm = module_at(model, path)
+            if not site.direct:
+                reason = "its output is transformed before the consumers"
+            elif len(site.norms) != 1:
+                reason = "the site has several norms"
+            else:
+                reason = why_not([module_at(model, c) for c in site.consumers])
+            norm.fuse_quant = enable and reason is None
+            out[path] = reason
+    return out
