@@ -167,6 +167,7 @@ def bench_blocks(interpret: bool, reps: dict) -> list[dict]:
     from flax import nnx
 
     import pqjax
+    from pallas_kernels import fusion
     from pqjax import permute
     from pqjax.models.flux import FluxConfig, FluxTransformer2DModel
     from pqjax.report import model_bytes
@@ -206,8 +207,9 @@ def bench_blocks(interpret: bool, reps: dict) -> list[dict]:
     pqjax.set_backend(qmodel, "pallas")
     if interpret:
         os.environ[dispatch.ENV_INTERPRET] = "1"
+    fused = sum(reason is None for reason in fusion.plan(qmodel).values())
     rows.append(dict(model="W4A4 nvfp4 (pallas)", us=time_us(step_fn(qmodel), **reps),
-                     **model_bytes(qmodel)))  # fmt: skip
+                     fused_norms=fused, **model_bytes(qmodel)))  # fmt: skip
     stats = jax.devices()[0].memory_stats() or {}
     for r in rows:
         r["speedup"] = rows[0]["us"] / r["us"]
@@ -253,7 +255,8 @@ def main() -> int:
         md.append("## (b) FP4 matmuls (TFLOP/s, speedup over bf16)\n\n" + _table(rows, cols))
     if "blocks" in parts:
         payload["blocks"] = rows = bench_blocks(smoke, reps)
-        cols = ["model", "us", "speedup", "quantized_bytes", "bf16_bytes", "packed_weight_bytes"]
+        cols = ["model", "us", "speedup", "quantized_bytes", "bf16_bytes", "packed_weight_bytes",
+                "fused_norms"]
         md.append("## (c) FLUX double + single block\n\n" + _table(rows, cols))
     table = "\n".join(md)
     print(table)
