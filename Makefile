@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PIP_INSTALL := $(BIN)/python -m pip install -q -c constraints.txt
+# Test processes (pytest-xdist); each test file runs whole on one, so module fixtures are built once.
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test lint bench clean
 
@@ -18,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/pqjax demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check .
