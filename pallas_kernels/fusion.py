@@ -38,6 +38,7 @@ class PendingNorm:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The norm output's shape (FluxAttention splits the joint sequence by the context's)."""
         return self.x.shape
 
     def resolve(self, qlin: Any) -> tuple[jax.Array, formats.QTensor | None]:
@@ -82,9 +83,9 @@ def why_not(consumers: list[Any]) -> str | None:
     return None
 
 
-def plan(model: nnx.Module, enable: bool = True) -> dict[str, str | None]:
-    """Mark (or, with enable=False, unmark) the norms of `model` that quantize for their
-    consumers. Returns {norm path: None if fused, else the reason it is not}."""
+def plan(model: nnx.Module) -> dict[str, str | None]:
+    """Mark the norms of `model` that quantize for their consumers (`pqjax.set_backend` calls
+    this for "pallas"). Returns {norm path: None if fused, else the reason it is not}."""
     from pqjax.permute.absorb import module_at
     from pqjax.permute.sites import sites
 
@@ -102,6 +103,6 @@ def plan(model: nnx.Module, enable: bool = True) -> dict[str, str | None]:
                 reason = "the site has several norms"
             else:
                 reason = why_not([module_at(model, c) for c in site.consumers])
-            norm.fuse_quant = enable and reason is None
+            norm.fuse_quant = reason is None
             out[path] = reason
     return out
