@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 # The tiny FLUX the quantization tests share: one double and one single block, inner dim 64
 # (2 heads of 32), guidance embedding on (diffusers FluxTransformer2DModel keyword arguments).
@@ -48,3 +53,28 @@ def to_jax(t):
     import jax.numpy as jnp
 
     return jnp.asarray(t.detach().cpu().numpy())
+
+
+def random_nnx(
+    cls: type, config: Any, std: float, seed: int = 0, *, channel_gains: bool = False
+) -> nnx.Module:
+    """`cls(config)` with N(0, std) parameters (norm scales around 1), filled on the host:
+    eager NNX initialisation compiles one random op per parameter shape, slow on CPU.
+
+    channel_gains: each Linear's input rows also get a log-normal gain, so channels differ in
+    size as in trained models (what permutations exploit).
+    """
+    abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        names = [getattr(k, "key", None) for k in path]
+        x = rng.normal(0.0, std, leaf.shape).astype(np.float32)
+        if "scale" in names:
+            x = 1.0 + x
+        elif channel_gains and names[-1] == "kernel" and len(leaf.shape) == 2:
+            x = x * np.exp(0.8 * rng.standard_normal((leaf.shape[0], 1))).astype(np.float32)
+        return jnp.asarray(x)
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))

@@ -21,6 +21,7 @@ from pqjax.models.sana import SanaConfig, SanaTransformer2DModel
 from pqjax.models.zimage import ZImageConfig, ZImageTransformer2DModel
 from pqjax.quantize import quantizable
 from pqjax.report import QuantReport
+from tests.parity import random_nnx
 
 SANA = SanaConfig(
     in_channels=8, out_channels=8, num_attention_heads=4, attention_head_dim=32, num_layers=2,
@@ -38,25 +39,6 @@ FORMATS = {"W4A4 nvfp4": ("nvfp4", None), "W3A3 int3 g64": ("int3", 64)}
 # error ~0.15) the tiny random models keep only a rough likeness. Bounds: about 1.4x margin.
 BOUND = {("sana", "W4A4 nvfp4"): 0.3, ("sana", "W3A3 int3 g64"): 0.7,
          ("zimage", "W4A4 nvfp4"): 0.55, ("zimage", "W3A3 int3 g64"): 1.3}
-
-
-def random_model(cls: type, config: Any, std: float, seed: int = 0) -> nnx.Module:
-    """N(0, std) parameters, norm weights around 1; each Linear's input rows get a log-normal
-    gain, so channels differ in size as in trained models (what permutations exploit)."""
-    abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        names = [getattr(k, "key", None) for k in path]
-        x = rng.normal(0.0, std, leaf.shape).astype(np.float32)
-        if "scale" in names:
-            x = 1.0 + x
-        elif names[-1] == "kernel" and len(leaf.shape) == 2:
-            x = x * np.exp(0.8 * rng.standard_normal((leaf.shape[0], 1))).astype(np.float32)
-        return jnp.asarray(x)
-
-    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
 
 
 def sana_batch(seed: int) -> dict[str, jax.Array]:
@@ -102,7 +84,7 @@ class Calibrated:
     def __init__(self, name: str):
         cls, config, std, batch, forward = CASES[name]
         self.name = name
-        self.model = random_model(cls, config, std)
+        self.model = random_nnx(cls, config, std, channel_gains=True)
         # one compilation per model structure (eager dispatch of the tiny ops is slower on CPU)
         self.forward = nnx.jit(lambda m, kw: forward(m, **kw))
         # n_rows above every Linear's row count (<= 576): each layer keeps all its rows, so

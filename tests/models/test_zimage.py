@@ -18,7 +18,7 @@ from convert import bridge  # noqa: E402
 from pqjax.models import configs  # noqa: E402
 from pqjax.models.configs import ConfigError  # noqa: E402
 from pqjax.models.zimage import PRESETS, ZImageConfig, ZImageTransformer2DModel  # noqa: E402
-from tests.parity import assert_close_rel, randomize_, rel_err, to_jax  # noqa: E402
+from tests.parity import assert_close_rel, random_nnx, randomize_, rel_err, to_jax  # noqa: E402
 
 # Two tiny configs: (a) dim < 256 so the AdaLN width is dim, q/k norms, one patch size;
 # (b) dim = 256, no q/k norm, two patch sizes (one with a temporal patch), other eps / theta.
@@ -147,28 +147,11 @@ def test_batch_api_matches_list_api(small):
         assert_close_rel(out2[i], ref2[i], 1e-4, f"item {i}, second lengths")
 
 
-def random_nnx_model(config: ZImageConfig, std: float, seed: int = 0):
-    """An NNX model with N(0, std) weights (norm scales around 1), filled on the host.
-
-    Eager NNX initialisation compiles one random op per parameter shape, which is slow on CPU.
-    """
-    abstract = nnx.eval_shape(lambda: ZImageTransformer2DModel(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        names = [getattr(k, "key", None) for k in path]
-        noise = rng.normal(0.0, std, leaf.shape).astype(np.float32)
-        return jnp.asarray(1.0 + noise if "scale" in names else noise)
-
-    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
-
-
 def test_export_roundtrip(tmp_path):
     """NNX model -> export_model -> diffusers from_pretrained -> same outputs."""
     cfg = CONFIGS["wide_two_patches"]
     config = ZImageConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
-    jmodel = random_nnx_model(config, STD["wide_two_patches"])
+    jmodel = random_nnx(ZImageTransformer2DModel, config, STD["wide_two_patches"])
     convert.export_model(jmodel, tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())
     assert written["_class_name"] == "ZImageTransformer2DModel"

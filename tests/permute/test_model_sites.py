@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 
 from pqjax import permute
-from pqjax.models.zimage import ZImageConfig
+from pqjax.models.zimage import ZImageConfig, ZImageTransformer2DModel
 from tests.models.test_zimage import CONFIGS as ZCONFIGS
-from tests.models.test_zimage import random_nnx_model as random_zimage
-from tests.parity import assert_close_rel
+from tests.parity import assert_close_rel, random_nnx
 
 
 def random_orders(sites, seed):
@@ -29,7 +28,7 @@ def zimage_inputs(config: ZImageConfig, seed: int = 0):
 def test_zimage_absorb_is_exact(name):
     cfg = ZCONFIGS[name]
     config = ZImageConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
-    model = random_zimage(config, std=0.07)
+    model = random_nnx(ZImageTransformer2DModel, config, 0.07)
     sites = permute.sites(model)
     blocks = 2 * config.n_refiner_layers + config.n_layers
     assert len(sites) == 4 * blocks + 1

@@ -9,12 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from pqjax import permute
 from pqjax.models.sana import SanaConfig, SanaTransformer2DModel
 from pqjax.quantize import QuantConfig, quantizable
-from tests.parity import assert_close_rel, rel_err
+from tests.parity import assert_close_rel, random_nnx, rel_err
 
 CONFIGS = {
     # SANA-1.5-like: qk RMSNorm across heads, non-affine norms, cross heads unlike self heads.
@@ -33,20 +32,6 @@ CONFIGS = {
         interpolation_scale=1.0, guidance_embeds=True,
     ),
 }
-
-
-def random_sana(config: SanaConfig, std: float = 0.2, seed: int = 0) -> SanaTransformer2DModel:
-    """N(0, std) parameters (norm weights around 1), filled on the host (fast on CPU)."""
-    abstract = nnx.eval_shape(lambda: SanaTransformer2DModel(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        names = [getattr(k, "key", None) for k in path]
-        noise = rng.normal(0.0, std, leaf.shape).astype(np.float32)
-        return jnp.asarray(1.0 + noise if "scale" in names else noise)
-
-    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
 
 
 def sana_inputs(config: SanaConfig, batch: int = 3, seed: int = 0) -> dict[str, jax.Array]:
@@ -76,7 +61,7 @@ def random_orders(sites: list[permute.Site], seed: int) -> dict[str, np.ndarray]
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def case(request):
     config = CONFIGS[request.param]
-    model = random_sana(config)
+    model = random_nnx(SanaTransformer2DModel, config, 0.2)
     inputs = sana_inputs(config)
     return request.param, config, model, inputs, np.asarray(model(**inputs))
 
