@@ -15,6 +15,7 @@ format, shape or dtype, a PallasFallbackWarning (once per reason) names it and X
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Any
@@ -160,7 +161,7 @@ def _linear_problem(qlin: Any, x: jax.Array, xq: formats.QTensor | None) -> str 
     act = qlin.act_fmt
     if act is not None and act.name not in FP4:
         return f"activations in {act.name} (W4A4 kernels take nvfp4 / mxfp4)"
-    if x.dtype not in FLOAT_DTYPES:
+    if x is not None and x.dtype not in FLOAT_DTYPES:
         return f"x dtype {x.dtype}"
     online = qlin.input_transform is not None or qlin.input_scale is not None
     if xq is not None and (act is None or xq.fmt != act or online):
@@ -190,25 +191,39 @@ def quantize_activations(
 
 
 def quant_linear(
-    qlin: Any, x: jax.Array, xq: formats.QTensor | None = None, *, interpret: bool | None = None
+    qlin: Any,
+    x: jax.Array | None,
+    xq: formats.QTensor | None = None,
+    *,
+    interpret: bool | None = None,
 ) -> jax.Array:
     """A QuantLinear's full forward (quantized product, low-rank branch, bias) on the kernels.
 
     x `(..., d_in)` in the layer's dtype; xq: x already quantized in the layer's activation
-    format (from a fused norm), which skips the activation quantization.
+    format (from a fused norm), which skips the activation quantization. x may be None with
+    xq when the kernels run and the layer has no low-rank branch (a fused norm that wrote
+    only the codes).
     """
     m = mode(interpret)
+    if x is None and (xq is None or m == "xla" or qlin.low_rank_down is not None):
+        raise ValueError(
+            "quant_linear: x=None needs xq, the kernels (not the xla mode) and a layer "
+            "without a low-rank branch"
+        )
     problem = None if m == "xla" else _linear_problem(qlin, x, xq)
     if problem is not None:
         fallback("quant_linear", problem)
+        if x is None:  # unreachable after fusion.plan, which checks the same conditions
+            raise ValueError(f"quant_linear: only quantized input, and {problem}")
     if m == "xla" or problem is not None:
         return qlin.xla_forward(x)
-    lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k)
+    shape = xq.shape if x is None else x.shape
+    lead, k = shape[:-1], shape[-1]
+    x2 = None if x is None else x.reshape(-1, k)
     h = up = None
     if qlin.low_rank_down is not None:
         h, up = x2 @ qlin.low_rank_down[...], qlin.low_rank_up[...]
-    if qlin.input_transform is not None:
+    if qlin.input_transform is not None:  # never with xq (_linear_problem)
         from pqjax.rotate import apply_input_transform
 
         x2 = apply_input_transform(qlin.input_transform, x2)
@@ -222,6 +237,6 @@ def quant_linear(
             gs = None if qlin.act_global_scale is None else qlin.act_global_scale[...]
             xq = quantize_activations(x2, qlin.act_fmt, gs, interpret=itp)
         else:
-            xq = _reshape_q(xq, x2.shape)
+            xq = _reshape_q(xq, (math.prod(lead), k))
         y = fp4_matmul(xq, w, bias, h, up, out_dtype=qlin.dtype, fp8=_fp8_ok(m), interpret=itp)
     return y.reshape(*lead, y.shape[-1])

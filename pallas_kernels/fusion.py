@@ -9,8 +9,10 @@ the consumers (`Site.direct`), and every consumer is a QuantLinear that the FP4 
 serves, with the same activation format and static global scale and no online input scale or
 transform. Its `__call__` then returns a `PendingNorm`. The first consumer runs the permuted
 norm kernel with its activation format (gather, normalise, modulate and quantize in one pass)
-and the others reuse the result, so no consumer quantizes the activations again. Where the
-kernels do not run ("xla" mode) the pending norm resolves to the plain norm.
+and the others reuse the result, so no consumer quantizes the activations again. The kernel
+writes only the codes and scales, not the 16-bit output, unless a consumer also reads the
+dense input (a low-rank branch, `fuse_dense`) or an observer watches it. Where the kernels do
+not run ("xla" mode) the pending norm resolves to the plain norm.
 """
 
 from __future__ import annotations
@@ -41,16 +43,20 @@ class PendingNorm:
         """The norm output's shape (FluxAttention splits the joint sequence by the context's)."""
         return self.x.shape
 
-    def resolve(self, qlin: Any) -> tuple[jax.Array, formats.QTensor | None]:
+    def resolve(self, qlin: Any) -> tuple[jax.Array | None, formats.QTensor | None]:
         """(y, xq): the norm's output and, where the kernels run, y quantized in `qlin`'s
-        activation format (the same for every consumer, which `plan` checked)."""
+        activation format (the same for every consumer, which `plan` checked). y is None
+        when the kernels run and no consumer needs it (`plan` set `norm.fuse_dense` False)."""
         if self._out is None:
             args = (self.norm, self.x, self.scale, self.shift)
             if dispatch.mode() == "xla":
                 self._out = (dispatch.permuted_norm(*args), None)
             else:
                 gs = None if qlin.act_global_scale is None else qlin.act_global_scale[...]
-                self._out = dispatch.permuted_norm(*args, quant=qlin.act_fmt, global_scale=gs)
+                dense = self.norm.fuse_dense or qlin.observer is not None
+                self._out = dispatch.permuted_norm(
+                    *args, quant=qlin.act_fmt, global_scale=gs, dense=dense
+                )
         return self._out
 
 
@@ -104,5 +110,9 @@ def plan(model: nnx.Module) -> dict[str, str | None]:
             else:
                 reason = why_not([module_at(model, c) for c in site.consumers])
             norm.fuse_quant = reason is None
+            # the 16-bit output is written only for a consumer whose low-rank branch reads it
+            norm.fuse_dense = norm.fuse_quant and any(
+                module_at(model, c).low_rank_down is not None for c in site.consumers
+            )
             out[path] = reason
     return out

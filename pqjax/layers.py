@@ -154,6 +154,16 @@ class QuantLinear(nnx.Module):
         xq = None
         if not isinstance(x, jax.Array | np.ndarray):
             x, xq = x.resolve(self)  # pallas_kernels.fusion.PendingNorm
+            if x is None:  # the fused norm wrote only the codes: the kernel reads them
+                from pallas_kernels.dispatch import quant_linear
+
+                if self.observer is not None or self.input_scale is not None:
+                    raise ValueError(
+                        "QuantLinear: a fused norm gave only quantized input, but this layer "
+                        "observes or scales its input; run pqjax.set_backend(model, ...) again "
+                        "after attaching observers or input scales"
+                    )
+                return quant_linear(self, None, xq=xq)
         if self.observer is not None:
             self.observer(x)
         x = x.astype(self.dtype)
@@ -202,7 +212,7 @@ def set_backend(model: nnx.Module, backend: str) -> nnx.Module:
             node.backend = backend
         elif isinstance(node, LayerNorm | RMSNorm):
             node.backend = "pallas" if backend == "pallas" else "xla"
-            node.fuse_quant = False
+            node.fuse_quant = node.fuse_dense = False
     if backend == "pallas":
         from pallas_kernels import fusion
 

@@ -136,6 +136,7 @@ class LayerNorm(nnx.Module):
         self.perm = nnx.data(None)
         self.backend = "xla"  # "pallas": the fused kernel (pqjax.set_backend switches it)
         self.fuse_quant = False  # "pallas": also quantize for the consumers (fusion.plan)
+        self.fuse_dense = False  # fused: also write the 16-bit output (a consumer reads it)
 
     def normalize(self, x: jax.Array) -> jax.Array:
         x32 = _gather(x, self.perm).astype(jnp.float32)
@@ -179,6 +180,7 @@ class RMSNorm(nnx.Module):
         self.perm = nnx.data(None)
         self.backend = "xla"  # "pallas": the fused kernel (pqjax.set_backend switches it)
         self.fuse_quant = False  # "pallas": also quantize for the consumers (fusion.plan)
+        self.fuse_dense = False  # fused: also write the 16-bit output (a consumer reads it)
 
     def normalize(self, x: jax.Array) -> jax.Array:
         x32 = _gather(x, self.perm).astype(jnp.float32)

@@ -98,6 +98,38 @@ def test_fused_norm_output_feeds_the_matmul():
 
 
 @pytest.mark.usefixtures("interpret")
+def test_fused_norm_writes_only_codes_unless_a_consumer_reads_its_output():
+    """A fused norm skips its 16-bit output when no consumer reads it, with the same result;
+    a consumer's low-rank branch reads it (fuse_dense), and x=None is refused there."""
+    from pallas_kernels.fusion import PendingNorm
+    from pqjax.quantize import QuantState
+
+    ln, _, x, s, t = _norms()
+    q = _qlin("nvfp4", "nvfp4")
+    q.backend = "pallas"
+    gs = q.act_global_scale[...]
+    y, xq = dispatch.permuted_norm(ln, x, s, t, quant=q.act_fmt, global_scale=gs)
+    pending = PendingNorm(ln, x, s, t)  # ln.fuse_dense is False
+    got = q(pending)
+    assert pending.resolve(q)[0] is None
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(dispatch.quant_linear(q, y, xq=xq)))
+
+    rng = np.random.default_rng(3)
+    q.low_rank_down = QuantState(jnp.asarray(rng.normal(size=(40, 4)), jnp.float32))
+    q.low_rank_up = QuantState(jnp.asarray(rng.normal(size=(4, 24)), jnp.float32))
+    with pytest.raises(ValueError, match="low-rank"):
+        dispatch.quant_linear(q, None, xq=xq)
+    ln.fuse_dense = True
+    try:
+        pending = PendingNorm(ln, x, s, t)
+        got = q(pending)
+    finally:
+        ln.fuse_dense = False
+    np.testing.assert_array_equal(np.asarray(pending.resolve(q)[0]), np.asarray(y))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(dispatch.quant_linear(q, y, xq=xq)))
+
+
+@pytest.mark.usefixtures("interpret")
 def test_unsupported_formats_fall_back_with_a_reason(monkeypatch):
     monkeypatch.setattr(dispatch, "_warned", set())  # warnings are once per reason
     q = _qlin("int4", "int4")
@@ -163,17 +195,22 @@ def test_flux_blocks_pallas_matches_xla(tiny_flux):
     qmodel, inputs = tiny_flux
     want = _blocks(qmodel, inputs)
     pqjax.set_backend(qmodel, "pallas")
-    calls = []
-    quantize = dispatch.quantize_activations
+    calls, norms = [], []
+    quantize, norm = dispatch.quantize_activations, dispatch.permuted_norm
 
     def counted(x, *args, **kw):
         calls.append(x.shape)
         return quantize(x, *args, **kw)
 
+    def counted_norm(*args, **kw):
+        norms.append((kw.get("quant") is not None, kw.get("dense", True)))
+        return norm(*args, **kw)
+
     try:
         with warnings.catch_warnings(), pytest.MonkeyPatch.context() as mp:
             warnings.simplefilter("error", dispatch.PallasFallbackWarning)  # kernels serve all
             mp.setattr(dispatch, "quantize_activations", counted)
+            mp.setattr(dispatch, "permuted_norm", counted_norm)
             got = _blocks(qmodel, inputs)
     finally:
         pqjax.set_backend(qmodel, "xla")
@@ -181,6 +218,10 @@ def test_flux_blocks_pallas_matches_xla(tiny_flux):
     # q/k/v + proj_mlp; only the layers after attention or GELU quantize their own input:
     # to_out.0, to_add_out, ff.net.2, ff_context.net.2 and proj_out.
     assert len(calls) == 5, calls
+    # The five fused norms write codes only (no consumer reads their 16-bit output); the
+    # other norms (the per-head q/k RMSNorms) write plain output.
+    assert sorted(n for n in norms if n[0]) == [(True, False)] * 5, norms
+    assert all(n == (False, True) for n in norms if not n[0]), norms
     for g, w in zip(got, want):
         g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
         scale = np.abs(w).max()
@@ -204,6 +245,21 @@ def test_fusion_plan(tiny_flux):
             "transformer_blocks.0.norm2", "transformer_blocks.0.norm2_context",
             "single_transformer_blocks.0.norm.norm"}
     assert plan == dict.fromkeys(want) and fused == want
+    assert not any(getattr(n, "fuse_dense", False) for _, n in nnx.iter_graph(qmodel))
+    # a low-rank branch (SVDQuant) reads the norm's 16-bit output: the norm writes it too
+    from pqjax.quantize import QuantState
+
+    to_q = qmodel.transformer_blocks[0].attn.to_q
+    to_q.low_rank_down = QuantState(jnp.zeros((to_q.in_features, 2), jnp.float32))
+    to_q.low_rank_up = QuantState(jnp.zeros((2, to_q.out_features), jnp.float32))
+    try:
+        pqjax.set_backend(qmodel, "pallas")
+        dense = {".".join(map(str, path)) for path, node in nnx.iter_graph(qmodel)
+                 if getattr(node, "fuse_dense", False)}
+    finally:
+        to_q.low_rank_down = to_q.low_rank_up = nnx.data(None)
+        pqjax.set_backend(qmodel, "xla")
+    assert dense == {"transformer_blocks.0.norm1.norm"}
     assert not any(getattr(n, "fuse_quant", False) for _, n in nnx.iter_graph(qmodel))
     attn = qmodel.transformer_blocks[0].attn
     assert fusion.why_not([attn.to_q, attn.to_k, attn.to_v]) is None
