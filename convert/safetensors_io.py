@@ -125,17 +125,21 @@ class SafetensorsFile:
         return out
 
 
+MMAP_MIN_BYTES = 1 << 20  # smaller tensors (norms, biases) come from the heap
+
+
 def host_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised array in its own anonymous memory map.
+    """An uninitialised array, in its own anonymous memory map when it is 1 MiB or more.
 
     Freeing it returns the pages to the OS at once. Tensor-sized temporaries from malloc stay
     in the heap between the long-lived weights instead (glibc raises its mmap threshold after
     the first large free), which adds ~15% to the peak when a model is loaded one tensor at a
-    time.
+    time. Small tensors stay on the heap, so the number of maps (Linux allows ~65k per
+    process by default) grows with the large weights only.
     """
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if nbytes == 0:
+    if nbytes < MMAP_MIN_BYTES:
         return np.empty(shape, dtype)
     return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).reshape(shape)
 

@@ -148,3 +148,22 @@ def test_unknown_dtype_and_inconsistent_offsets(tmp_path):
     write({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}})
     with pytest.raises(CheckpointError, match=r"'w'.*do not hold F32"):
         SafetensorsFile(tmp_path / "h.safetensors")
+
+
+def test_host_array_maps_only_large_tensors():
+    """Large temporaries get their own page map (returned to the OS when freed); small ones
+    come from the heap, so a model's many norms and biases do not use up the map count."""
+    import mmap
+
+    from convert.safetensors_io import MMAP_MIN_BYTES, host_array
+
+    def root(a):
+        while isinstance(a, np.ndarray) and a.base is not None:
+            a = a.base
+        return a.obj if isinstance(a, memoryview) else a
+
+    small = host_array((3, 7), np.float32)
+    large = host_array((MMAP_MIN_BYTES // 2,), np.uint16)
+    assert small.shape == (3, 7) and small.dtype == np.float32 and small.flags.owndata
+    assert large.shape == (MMAP_MIN_BYTES // 2,) and isinstance(root(large), mmap.mmap)
+    assert large.flags.writeable
