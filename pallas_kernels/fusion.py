@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -42,6 +43,18 @@ class PendingNorm:
     def shape(self) -> tuple[int, ...]:
         """The norm output's shape (FluxAttention splits the joint sequence by the context's)."""
         return self.x.shape
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """The norm output's dtype: x's, promoted with the modulation rows' (as `modulate`)."""
+        return jnp.result_type(*(a for a in (self.x, self.scale, self.shift) if a is not None))
+
+    def astype(self, dtype: Any) -> PendingNorm | jax.Array:
+        """Itself when the cast changes nothing (SANA casts norm1's output to the stream's
+        dtype); otherwise the plain norm output, cast, which its consumers quantize."""
+        if jnp.dtype(dtype) == self.dtype:
+            return self
+        return dispatch.permuted_norm(self.norm, self.x, self.scale, self.shift).astype(dtype)
 
     def resolve(self, qlin: Any) -> tuple[jax.Array | None, formats.QTensor | None]:
         """(y, xq): the norm's output and, where the kernels run, y quantized in `qlin`'s

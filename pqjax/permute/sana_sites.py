@@ -76,6 +76,8 @@ def sana_sites(model: SanaTransformer2DModel) -> list[Site]:
                 norms=(f"{p}.{norm}",),
                 # the shared time_embed vector is part of shift and scale: no offline fold
                 scalable=False,
+                # norm1 feeds q/k/v through a same-dtype cast; norm2 is reshaped to an image
+                direct=norm == "norm1",
             ))
         for attn in ("attn1", "attn2"):
             mod = getattr(block, attn)
