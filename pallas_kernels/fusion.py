@@ -11,8 +11,8 @@ transform. Its `__call__` then returns a `PendingNorm`. The first consumer runs 
 norm kernel with its activation format (gather, normalise, modulate and quantize in one pass)
 and the others reuse the result, so no consumer quantizes the activations again. The kernel
 writes only the codes and scales, not the 16-bit output, unless a consumer also reads the
-dense input (a low-rank branch, `fuse_dense`) or an observer watches it. Where the kernels do
-not run ("xla" mode) the pending norm resolves to the plain norm.
+dense input (a low-rank branch or an observer: `fuse_dense`). Where the kernels do not run
+("xla" mode) the pending norm resolves to the plain norm.
 """
 
 from __future__ import annotations
@@ -66,9 +66,8 @@ class PendingNorm:
                 self._out = (dispatch.permuted_norm(*args), None)
             else:
                 gs = None if qlin.act_global_scale is None else qlin.act_global_scale[...]
-                dense = self.norm.fuse_dense or qlin.observer is not None
                 self._out = dispatch.permuted_norm(
-                    *args, quant=qlin.act_fmt, global_scale=gs, dense=dense
+                    *args, quant=qlin.act_fmt, global_scale=gs, dense=self.norm.fuse_dense
                 )
         return self._out
 
@@ -123,9 +122,11 @@ def plan(model: nnx.Module) -> dict[str, str | None]:
             else:
                 reason = why_not([module_at(model, c) for c in site.consumers])
             norm.fuse_quant = reason is None
-            # the 16-bit output is written only for a consumer whose low-rank branch reads it
+            # the 16-bit output is written only for a consumer whose low-rank branch (or
+            # observer) reads it
             norm.fuse_dense = norm.fuse_quant and any(
-                module_at(model, c).low_rank_down is not None for c in site.consumers
+                c.low_rank_down is not None or c.observer is not None
+                for c in (module_at(model, path) for path in site.consumers)
             )
             out[path] = reason
     return out

@@ -160,8 +160,9 @@ class QuantLinear(nnx.Module):
                 if self.observer is not None or self.input_scale is not None:
                     raise ValueError(
                         "QuantLinear: a fused norm gave only quantized input, but this layer "
-                        "observes or scales its input; run pqjax.set_backend(model, ...) again "
-                        "after attaching observers or input scales"
+                        "observes or scales its input, which it did not have when the norm "
+                        'was fused; call pqjax.set_backend(model, "pallas") again after '
+                        "attaching observers or input scales"
                     )
                 return quant_linear(self, None, xq=xq)
         if self.observer is not None:

@@ -113,6 +113,12 @@ def test_fused_norm_writes_only_codes_unless_a_consumer_reads_its_output():
     got = q(pending)
     assert pending.resolve(q)[0] is None
     np.testing.assert_array_equal(np.asarray(got), np.asarray(dispatch.quant_linear(q, y, xq=xq)))
+    q.observer = lambda v: None  # attached after the norm was fused: it has no input to see
+    try:
+        with pytest.raises(ValueError, match="observes or scales its input"):
+            q(PendingNorm(ln, x, s, t))
+    finally:
+        q.observer = None
 
     rng = np.random.default_rng(3)
     q.low_rank_down = QuantState(jnp.asarray(rng.normal(size=(40, 4)), jnp.float32))
