@@ -113,6 +113,7 @@ def plan(model: nnx.Module) -> dict[str, str | None]:
         return {}
     out: dict[str, str | None] = {}
     for site in model_sites:
+        consumers = [module_at(model, c) for c in site.consumers]
         for path in site.norms:
             norm = module_at(model, path)
             if not site.direct:
@@ -120,13 +121,12 @@ def plan(model: nnx.Module) -> dict[str, str | None]:
             elif len(site.norms) != 1:
                 reason = "the site has several norms"
             else:
-                reason = why_not([module_at(model, c) for c in site.consumers])
+                reason = why_not(consumers)
             norm.fuse_quant = reason is None
             # the 16-bit output is written only for a consumer whose low-rank branch (or
             # observer) reads it
             norm.fuse_dense = norm.fuse_quant and any(
-                c.low_rank_down is not None or c.observer is not None
-                for c in (module_at(model, path) for path in site.consumers)
+                c.low_rank_down is not None or c.observer is not None for c in consumers
             )
             out[path] = reason
     return out

@@ -220,18 +220,12 @@ def test_pallas_kernels_in_the_model_match_xla(calibrated, monkeypatch):
     import warnings
 
     from pallas_kernels import dispatch, fusion
+    from tests.pallas_kernels.helpers import record_calls
 
     qmodel, _, _ = calibrated.run("W4A4 nvfp4", "permuquant")
     want = np.asarray(calibrated.forward(qmodel, calibrated.held_out))
-    calls = []
-    quantize = dispatch.quantize_activations
-
-    def counted(x, *args, **kw):
-        calls.append(x.shape)
-        return quantize(x, *args, **kw)
-
     monkeypatch.setenv(dispatch.ENV_INTERPRET, "1")
-    monkeypatch.setattr(dispatch, "quantize_activations", counted)
+    calls = record_calls(monkeypatch, dispatch, "quantize_activations", lambda x, *a, **k: x.shape)
     forward = CASES[calibrated.name][4]
     pqjax.set_backend(qmodel, "pallas")
     try:

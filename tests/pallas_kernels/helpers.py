@@ -90,3 +90,15 @@ def quantize(fmt: formats.Format, y, global_scale=None) -> formats.QTensor:
 def dequantize(q: formats.QTensor) -> jax.Array:
     """q.dequantize() in float32, compiled (once per format and shape)."""
     return q.dequantize()
+
+
+def record_calls(monkeypatch, module, name: str, what) -> list:
+    """Wrap `module.name` so each call appends `what(*args, **kw)` to the returned list."""
+    seen, fn = [], getattr(module, name)
+
+    def recorded(*args, **kw):
+        seen.append(what(*args, **kw))
+        return fn(*args, **kw)
+
+    monkeypatch.setattr(module, name, recorded)
+    return seen

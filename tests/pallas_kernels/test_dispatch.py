@@ -23,6 +23,7 @@ from pqjax.layers import QuantLinear
 from pqjax.models.flux import FluxConfig, FluxTransformer2DModel
 from pqjax.models.layers import LayerNorm, Linear, Permutation, RMSNorm
 from pqjax.quantize import DEFAULT_SKIP
+from tests.pallas_kernels.helpers import record_calls
 from tests.parity import TINY_FLUX
 
 CFG = TINY_FLUX
@@ -201,22 +202,14 @@ def test_flux_blocks_pallas_matches_xla(tiny_flux):
     qmodel, inputs = tiny_flux
     want = _blocks(qmodel, inputs)
     pqjax.set_backend(qmodel, "pallas")
-    calls, norms = [], []
-    quantize, norm = dispatch.quantize_activations, dispatch.permuted_norm
-
-    def counted(x, *args, **kw):
-        calls.append(x.shape)
-        return quantize(x, *args, **kw)
-
-    def counted_norm(*args, **kw):
-        norms.append((kw.get("quant") is not None, kw.get("dense", True)))
-        return norm(*args, **kw)
-
     try:
         with warnings.catch_warnings(), pytest.MonkeyPatch.context() as mp:
             warnings.simplefilter("error", dispatch.PallasFallbackWarning)  # kernels serve all
-            mp.setattr(dispatch, "quantize_activations", counted)
-            mp.setattr(dispatch, "permuted_norm", counted_norm)
+            calls = record_calls(mp, dispatch, "quantize_activations", lambda x, *a, **k: x.shape)
+            norms = record_calls(
+                mp, dispatch, "permuted_norm",
+                lambda *a, **k: (k.get("quant") is not None, k.get("dense", True)),
+            )
             got = _blocks(qmodel, inputs)
     finally:
         pqjax.set_backend(qmodel, "xla")
