@@ -8,6 +8,7 @@ The pipeline root's `model_index.json` says which kind it is.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Callable
@@ -75,6 +76,11 @@ def load_tiny(root: Path, dtype: Any = jnp.float32) -> Pipeline:
 
 
 _LOADERS: dict[str, Callable[[Path, Any], Pipeline]] = {"TinyFluxDigitsPipeline": load_tiny}
+# Pipelines whose modules import nothing from this one: (module, loader), imported on use.
+_FAMILY_LOADERS: dict[str, tuple[str, str]] = {
+    "SanaPipeline": ("pqjax.pipelines.sana_pipeline", "load_sana"),
+    "ZImagePipeline": ("pqjax.pipelines.zimage_pipeline", "load_zimage"),
+}
 
 
 def register_pipeline(class_name: str) -> Callable[[Callable], Callable]:
@@ -92,10 +98,15 @@ def load_pipeline(name_or_path: str | os.PathLike = EMBEDDED, dtype: Any = jnp.f
     kind = index.get("_class_name")
     if kind == "FluxPipeline" and kind not in _LOADERS:
         import pqjax.pipelines.flux  # noqa: F401  (registers the FLUX.1 loader)
+    if kind in _FAMILY_LOADERS:
+        module, name = _FAMILY_LOADERS[kind]
+        pipe = getattr(importlib.import_module(module), name)(root, dtype)
+        pipe.source = str(name_or_path)
+        return pipe
     if kind not in _LOADERS:
         raise ValueError(
             f"{root / 'model_index.json'}: pipeline class {kind!r} is not supported; "
-            f"supported: {[*sorted(_LOADERS), 'FluxPipeline']}"
+            f"supported: {sorted([*_LOADERS, 'FluxPipeline', *_FAMILY_LOADERS])}"
         )
     pipe = _LOADERS[kind](root, dtype)
     pipe.source = str(name_or_path)

@@ -1,15 +1,12 @@
 """SANA's and Z-Image's prompt paths against diffusers' own pipelines' encode_prompt.
 
-Tiny tokenizers are trained here with the `tokenizers` library in the layout of the real ones
-(Gemma: SentencePiece-style BPE with byte fallback and a `<bos>` post-processor; Qwen:
-byte-level BPE with a Qwen3-style chat template) and loaded by transformers, as the pipelines
-do, and by `LMTokenizer`, without transformers. Ids and masks must be identical (token ids are
-integers); embeddings within 1e-4 of the output scale (float32 parity, as in test_causal_lm).
+Tiny tokenizers in the layout of the real ones (tests/models/lm_tokenizers.py) are loaded by
+transformers, as the pipelines do, and by `LMTokenizer`, without transformers. Ids and masks
+must be identical (token ids are integers); embeddings within 1e-4 of the output scale
+(float32 parity, as in test_causal_lm).
 """
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -22,82 +19,27 @@ tokenizers = pytest.importorskip("tokenizers")
 import convert  # noqa: E402
 from pqjax.models import lm_prompts  # noqa: E402
 from pqjax.models.lm_tokenizer import LMTokenizer  # noqa: E402
+from tests.models.lm_tokenizers import (  # noqa: E402
+    CORPUS,
+    write_gemma_tokenizer,
+    write_qwen_tokenizer,
+)
 from tests.parity import assert_close_rel, randomize_  # noqa: E402
 
-CORPUS = [
-    *lm_prompts.SANA_COMPLEX_HUMAN_INSTRUCTION,
-    "a red fox jumping over a lazy dog in the snow", "an astronaut riding a horse on mars",
-    "<|im_start|>user\na cat<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
-]
 PROMPTS = ["A Red Fox in the snow ", "an astronaut", "A cat sleeping on a mat, photorealistic"]
-# A Qwen3-style template: one user turn, the generation prompt, the thinking switch.
-QWEN_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- endif %}"
-    "{%- endif %}"
-)
-
-
-def _train(tok, specials, vocab_size=300):
-    from tokenizers import trainers
-
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  show_progress=False)
-    tok.train_from_iterator(CORPUS * 20, trainer)
-    return tok
 
 
 @pytest.fixture(scope="module")
 def gemma_tokenizer(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, normalizers, processors
-
     folder = tmp_path_factory.mktemp("gemma_tok")
-    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.normalizer = normalizers.Replace(" ", "\u2581")
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
-                                     decoders.Fuse()])
-    _train(tok, ["<pad>", "<eos>", "<bos>", "<unk>"])
-    bos = tok.token_to_id("<bos>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos)])
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>",
-        "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": True,
-        "add_eos_token": False, "padding_side": "left", "model_max_length": 8192}))
+    write_gemma_tokenizer(folder)
     return folder
 
 
 @pytest.fixture(scope="module")
 def qwen_tokenizer(tmp_path_factory):
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-
     folder = tmp_path_factory.mktemp("qwen_tok")
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    split = Regex(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
-                  r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(split, behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    from tokenizers import trainers
-
-    trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False,
-                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 20, trainer)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>", "bos_token": None, "unk_token": None,
-        "model_max_length": 131072, "chat_template": QWEN_TEMPLATE}))
+    write_qwen_tokenizer(folder)
     return folder
 
 
