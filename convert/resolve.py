@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pqjax.errors import CheckpointError
+
 SHORT_NAMES: dict[str, str] = {
     "flux-dev": "black-forest-labs/FLUX.1-dev",
     "flux-schnell": "black-forest-labs/FLUX.1-schnell",
@@ -23,7 +25,7 @@ SHORT_NAMES: dict[str, str] = {
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.pt", "*.pth")
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(CheckpointError, FileNotFoundError):
     """A named model that is not on this machine; the message says where we looked."""
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from pqjax.errors import CheckpointError
+
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -39,10 +41,6 @@ DTYPES: dict[str, np.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read as it claims to be; the message names file and key."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, TypeVar
 
+from pqjax.errors import CheckpointError
+
 C = TypeVar("C")
 
 # Keys diffusers writes for bookkeeping; they carry no architecture.
 _BOOKKEEPING = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
 
 
-class ConfigError(ValueError):
+class ConfigError(CheckpointError):
     """A config.json field this port does not support, or a value of the wrong type."""
 
 
