@@ -161,6 +161,6 @@ def export_arrays(
         ref = refs[key]
         value = jax.device_get(flat[ref.path].get_value())
         out = _TO_TORCH[ref.layout](np.asarray(value))
-        return np.ascontiguousarray(out.astype(dtype or out.dtype))
+        return out.astype(dtype or out.dtype, order="C")  # a copy; 0-d stays 0-d
 
     return specs, get

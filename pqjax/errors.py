@@ -2,4 +2,5 @@
 
 
 class CheckpointError(ValueError):
-    """A checkpoint, model folder or file that cannot be used as it is; the message names the file."""
+    """A checkpoint, model folder or file that cannot be used as it is; the message names the
+    file."""
