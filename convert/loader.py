@@ -1,7 +1,6 @@
-"""Load a diffusers / transformers component folder into an NNX model; export one back.
+"""Load a diffusers / transformers component folder into an NNX model (export: convert.export).
 
 model = load_transformer("flux-dev", dtype=jnp.bfloat16)   # or a local path
-export_transformer(model, "out/transformer")               # diffusers can load it
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from flax import nnx
 
 from convert import bridge, registry
 from convert.resolve import resolve
-from convert.safetensors_io import Checkpoint, CheckpointError, TensorSpec, write_safetensors
+from convert.safetensors_io import Checkpoint, CheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
@@ -49,8 +48,8 @@ def open_weights(folder: Path, weights_name: str, *, allow_pickle: bool = False)
         if not allow_pickle:
             raise CheckpointError(
                 f"{folder}: only pickled weights ({', '.join(p.name for p in pickles)}). Pickles "
-                "can run code when loaded; pass allow_pickle=True to load them with torch's "
-                "weights_only=True, or convert them to safetensors first."
+                "can run code when loaded; pass allow_pickle=True (CLI: --allow-pickle) to load "
+                "them with torch's weights_only=True, or convert them to safetensors first."
             )
         from convert.pickled import PickledCheckpoint
 
@@ -132,58 +131,3 @@ def load_transformer(
 ) -> nnx.Module:
     """The NNX transformer of a diffusers model folder, HF cache entry or short name."""
     return load_model(resolve(path_or_name, subfolder), dtype=dtype, allow_pickle=allow_pickle)
-
-
-def export_model(
-    model: nnx.Module,
-    out_dir: str | os.PathLike,
-    *,
-    dtype: Any | None = None,
-    max_shard_bytes: int | None = None,
-) -> Path:
-    """Write `config.json` and safetensors (sharded above `max_shard_bytes`) in torch layout."""
-    spec = registry.spec_for_model(model)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    specs, get = bridge.export_arrays(model, None if dtype is None else np.dtype(dtype))
-    tensors = [TensorSpec(k, s, d) for k, s, d in specs]
-    shards = _shard(tensors, max_shard_bytes)
-    name = spec.weights_name
-    if len(shards) == 1:
-        write_safetensors(out / f"{name}.safetensors", shards[0], get)
-    else:
-        weight_map, total = {}, 0
-        for i, shard in enumerate(shards, 1):
-            fname = f"{name}-{i:05d}-of-{len(shards):05d}.safetensors"
-            total += write_safetensors(out / fname, shard, get)
-            weight_map.update({t.key: fname for t in shard})
-        _write_json(
-            out / f"{name}.safetensors.index.json",
-            {"metadata": {"total_size": total}, "weight_map": weight_map},
-        )
-    _write_json(out / "config.json", spec.dump(model.config))
-    return out
-
-
-export_transformer = export_model
-
-
-def _shard(tensors: list[TensorSpec], max_bytes: int | None) -> list[list[TensorSpec]]:
-    if not max_bytes:
-        return [tensors]
-    shards: list[list[TensorSpec]] = [[]]
-    size = 0
-    for t in tensors:
-        nbytes = int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += nbytes
-    return shards
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)

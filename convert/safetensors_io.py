@@ -18,7 +18,7 @@ import mmap
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import ml_dtypes
 import numpy as np
@@ -47,6 +47,20 @@ _MAX_HEADER = 100_000_000  # the reference reader's limit
 def _is_size(v: object) -> bool:
     """A JSON value that is a usize for the reference reader: an int >= 0 (bool is not)."""
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_inside(index: Path, name: str) -> None:
+    """A shard name is a relative path inside the index's folder: no root, drive or `..`.
+
+    Checked on the name, not the resolved path: Hugging Face cache snapshots are symlinks into
+    `blobs/`, which is outside the folder and fine.
+    """
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if not name or name.startswith(("/", "\\")) or ":" in name or ".." in parts:
+        raise CheckpointError(
+            f"{index}: shard name {name!r} leaves the model folder {index.parent}; shard names "
+            "must be file names inside it"
+        )
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
@@ -223,11 +237,20 @@ class Checkpoint:
     @classmethod
     def _open_index(cls, index: Path) -> Checkpoint:
         try:
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+            doc = json.loads(index.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise CheckpointError(
+                f"{index}: not a valid safetensors index: \"weight_map\" must map tensor keys "
+                f"to shard file names, got {type(weight_map).__name__}"
+            )
         shards = {}
         for name in sorted(set(weight_map.values())):
+            _check_inside(index, name)
             shard = index.parent / name
             if not shard.is_file():
                 raise CheckpointError(f"{index}: shard {name!r} is missing (looked for {shard})")
