@@ -17,6 +17,7 @@ from flax import nnx
 from convert import bridge, registry
 from convert.resolve import resolve
 from convert.safetensors_io import Checkpoint, CheckpointError
+from pqjax.models.configs import ConfigError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
@@ -25,6 +26,7 @@ class WeightSource(Protocol):
     def keys(self) -> list[str]: ...
     def read(self, key: str) -> np.ndarray: ...
     def file_of(self, key: str) -> Path: ...
+    def shape(self, key: str) -> tuple[int, ...]: ...
 
 
 def open_weights(folder: Path, weights_name: str, *, allow_pickle: bool = False) -> WeightSource:
@@ -60,19 +62,62 @@ def open_weights(folder: Path, weights_name: str, *, allow_pickle: bool = False)
 def read_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     try:
-        return json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: missing") from e
-    except json.JSONDecodeError as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(
+            f"{path}: a config must be a JSON object of fields, got a {type(raw).__name__}"
+        )
+    return raw
 
 
 def class_name_of(raw: dict[str, Any], source: str) -> str:
     if "_class_name" in raw:
-        return raw["_class_name"]
-    if raw.get("architectures"):
-        return raw["architectures"][0]
-    raise CheckpointError(f"{source}: no _class_name or architectures field")
+        name = raw["_class_name"]
+    elif "architectures" in raw:
+        archs = raw["architectures"]
+        name = archs[0] if isinstance(archs, list) and archs else archs
+    else:
+        raise CheckpointError(f"{source}: no _class_name or architectures field")
+    if not isinstance(name, str):
+        raise CheckpointError(
+            f"{source}: the model class (_class_name, or architectures[0]) must be a string, "
+            f"got {name!r}"
+        )
+    return name
+
+
+def check_block_counts(spec: registry.ModelSpec, config: Any, keys: list[str],
+                       source: str) -> None:
+    """The config's layer counts against the numbered blocks among the (model) keys.
+
+    Runs before the model is built: a count that does not match the checkpoint fails at once
+    with the field and both numbers, instead of after building every abstract block.
+    """
+    for prefix, field in spec.block_counts:
+        value = getattr(config, field)
+        want = value if isinstance(value, int) else len(value)
+        head = prefix + "."
+        found = {k[len(head):].split(".", 1)[0] for k in keys if k.startswith(head)}
+        indices = sorted(int(i) for i in found if i.isdigit())
+        have = indices[-1] + 1 if indices else 0
+        if have != want:
+            raise ConfigError(
+                f"{source}: {field} = {value!r} means {want} blocks under {prefix!r}, but the "
+                f"checkpoint has {have} ({prefix}.0 .. {prefix}.{have - 1})"
+                if have else
+                f"{source}: {field} = {value!r} means {want} blocks under {prefix!r}, but the "
+                f"checkpoint has none"
+            )
+        if indices != list(range(have)):
+            gaps = sorted(set(range(have)) - set(indices))
+            raise CheckpointError(
+                f"{source}: the checkpoint's blocks under {prefix!r} are not numbered 0..{have - 1}"
+                f" (missing {gaps[:8]})"
+            )
 
 
 def load_model(
@@ -85,14 +130,16 @@ def load_model(
     spec = registry.spec_for_class_name(class_name_of(raw, source), source)
     config = spec.parse(raw, source)
     weights = open_weights(folder, spec.weights_name, allow_pickle=allow_pickle)
-    model = nnx.eval_shape(lambda: spec.module(config, dtype=dtype, rngs=nnx.Rngs(0)))
     origin = _model_keys(weights.keys(), spec)
+    check_block_counts(spec, config, list(origin), source)
+    model = nnx.eval_shape(lambda: spec.module(config, dtype=dtype, rngs=nnx.Rngs(0)))
     return bridge.load_params(
         model,
         lambda k: weights.read(origin[k]),
         list(origin),
         dtype=dtype,
         where=lambda k: str(weights.file_of(origin.get(k, k))),
+        shape_of=lambda k: weights.shape(origin[k]),
     )
 
 
@@ -103,7 +150,8 @@ def load_submodule(module: nnx.Module, prefix: str, weights: WeightSource, *,
     head = prefix + "."
     keys = [k[len(head):] for k in weights.keys() if k.startswith(head)]
     return bridge.load_params(module, lambda k: weights.read(head + k), keys, dtype=dtype,
-                              where=lambda k: str(weights.file_of(head + k)))
+                              where=lambda k: str(weights.file_of(head + k)),
+                              shape_of=lambda k: weights.shape(head + k))
 
 
 def _model_keys(keys: list[str], spec: registry.ModelSpec) -> dict[str, str]:

@@ -63,3 +63,6 @@ class PickledCheckpoint:
 
     def file_of(self, key: str) -> Path:
         return self._file[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(getattr(self._tensors[key], "shape", ()))

@@ -272,6 +272,9 @@ class Checkpoint:
     def file_of(self, key: str) -> Path:
         return self._where[key].path
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.info(key).shape
+
     def read(self, key: str) -> np.ndarray:
         return self._where[key].read(key)
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 import convert
 from convert import registry
-from convert.loader import load_submodule, open_weights, read_config
+from convert.loader import check_block_counts, load_submodule, open_weights, read_config
 from pqjax import permute
 from pqjax.calibrate import calibrate, linears
 from pqjax.checkpoint import apply_layout, module_layout, restore_state, save_state
@@ -109,6 +109,7 @@ class _Streamer:
         config = spec.parse(raw, str(self.folder / "config.json"))
         self.dtype = dtype
         self.weights = open_weights(self.folder, spec.weights_name, allow_pickle=allow_pickle)
+        check_block_counts(spec, config, self.weights.keys(), str(self.folder / "config.json"))
         self.model = nnx.eval_shape(lambda: spec.module(config, dtype=dtype, rngs=nnx.Rngs(0)))
         self.sites = [s for s in permute.sites(self.model) if s.name != "temb"]
         self.names = [
