@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pqjax.errors import CheckpointError
+from pqjax.errors import MissingFileError
 
 SHORT_NAMES: dict[str, str] = {
     "flux-dev": "black-forest-labs/FLUX.1-dev",
@@ -25,7 +25,7 @@ SHORT_NAMES: dict[str, str] = {
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.pt", "*.pth")
 
 
-class ModelNotFoundError(CheckpointError, FileNotFoundError):
+class ModelNotFoundError(MissingFileError):
     """A named model that is not on this machine; the message says where we looked."""
 
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pqjax.errors import CheckpointError
+from pqjax.errors import CheckpointError, MissingFileError
 
 WEIGHTS = "model.safetensors"
 PROMPTS = "prompts.json"
@@ -156,8 +156,8 @@ class PromptTable(nnx.Module):
         folder = Path(folder)
         for name in (PROMPTS, WEIGHTS):  # safetensors' FileNotFoundError names no file
             if not (folder / name).is_file():
-                raise CheckpointError(f"{folder / name}: missing (the prompt table needs "
-                                      f"{PROMPTS} and {WEIGHTS})")
+                raise MissingFileError(f"{folder / name}: missing (a PromptTable folder holds "
+                                       f"{PROMPTS} and {WEIGHTS})")
         try:
             meta = json.loads((folder / PROMPTS).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

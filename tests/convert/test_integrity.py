@@ -20,6 +20,7 @@ import convert
 import convert.export as export_mod
 from convert.safetensors_io import Checkpoint, CheckpointError, TensorSpec, write_safetensors
 from pqjax.errors import CheckpointError as BaseCheckpointError
+from pqjax.errors import MissingFileError
 from pqjax.models.configs import ConfigError
 from pqjax.models.flux import FluxConfig, FluxTransformer2DModel
 
@@ -248,7 +249,7 @@ def test_missing_text_encoder_file_is_named(tmp_path):
     folder = tmp_path / "text_encoder"
     shutil.copytree(embedded_path() / "text_encoder", folder)
     (folder / "model.safetensors").unlink()
-    with pytest.raises(BaseCheckpointError, match=rf"{folder}/model\.safetensors: missing"):
+    with pytest.raises(MissingFileError, match=rf"{folder}/model\.safetensors: missing"):
         PromptTable.load(folder)  # before: "not a PromptTable folder (None missing)"
 
 
@@ -258,3 +259,5 @@ def test_one_checkpoint_error_hierarchy():
     assert issubclass(convert.ModelNotFoundError, BaseCheckpointError)
     assert issubclass(convert.ModelNotFoundError, FileNotFoundError)
     assert issubclass(BaseCheckpointError, ValueError)
+    assert issubclass(MissingFileError, BaseCheckpointError)
+    assert issubclass(MissingFileError, FileNotFoundError)
