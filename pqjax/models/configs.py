@@ -53,7 +53,10 @@ def check_types(cls: type, kwargs: dict[str, Any], source: str) -> None:
     not bool, NaN or inf; None only where the field is Optional. Raises ConfigError naming
     `source` and the field.
     """
-    hints = typing.get_type_hints(cls)
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation this module cannot resolve: leave it to the dataclass
+        hints = {}
     for key, value in kwargs.items():
         hint = hints.get(key, Any)
         if not _matches(value, hint):
@@ -77,8 +80,9 @@ def _matches(value: Any, hint: Any) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
-        return (isinstance(value, int | float) and not isinstance(value, bool)
-                and math.isfinite(value))
+        if isinstance(value, bool):
+            return False
+        return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
     if hint is str:
         return isinstance(value, str)
     if origin is tuple:
