@@ -110,7 +110,8 @@ class SanaTextToImage:
                                    report=report)
 
 
-def load_sana(root: Path, dtype: Any = jnp.float32) -> SanaTextToImage:
+def load_sana(root: Path, dtype: Any = jnp.float32, *,
+              allow_pickle: bool = False) -> SanaTextToImage:
     """A diffusers SanaPipeline folder (transformer/, text_encoder/, tokenizer/, vae/,
     scheduler/) as a JAX pipeline."""
     root = Path(root)
@@ -121,10 +122,11 @@ def load_sana(root: Path, dtype: Any = jnp.float32) -> SanaTextToImage:
     except ValueError as e:
         raise ValueError(f"{sched_path}: {e}") from e
     return SanaTextToImage(
-        transformer=convert.load_transformer(root, dtype=dtype),
-        text_encoder=convert.load_model(root / "text_encoder", dtype=dtype),
+        transformer=convert.load_transformer(root, dtype=dtype, allow_pickle=allow_pickle),
+        text_encoder=convert.load_model(root / "text_encoder", dtype=dtype,
+                                        allow_pickle=allow_pickle),
         tokenizer=LMTokenizer.load(root / "tokenizer"),
-        vae=convert.load_model(root / "vae", dtype=dtype),
+        vae=convert.load_model(root / "vae", dtype=dtype, allow_pickle=allow_pickle),
         scheduler_config=config,
         source=str(root),
     )
