@@ -13,46 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from pqjax.cli_args import UsageError, build_parser, check, image_extensions, quant_config
+from pqjax.cli_args import UsageError, build_parser, check, quant_config
+from pqjax.cli_images import save_images
 
 # library errors that mean bad input (each names the file, key or argument)
 USER_ERRORS = (UsageError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
-
-
-def _to_uint8(images: np.ndarray, scale: int) -> list[np.ndarray]:
-    arr = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
-    return [np.kron(a, np.ones((scale, scale) + (1,) * (a.ndim - 2), np.uint8)) for a in arr]
-
-
-def _write_image(tile: np.ndarray, path: Path) -> None:
-    """Atomic: a temporary file in the same folder, then a rename."""
-    from PIL import Image
-
-    path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        Image.fromarray(tile).save(tmp, format=image_extensions()[path.suffix.lower()])
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def save_images(images: np.ndarray, paths: list[Path], scale: int, grid: bool) -> None:
-    """`images` (b, H, W) or (b, H, W, 3) in [0, 1]: one file each, or with grid one file of
-    all of them side by side; each upscaled `scale` times (nearest neighbour)."""
-    tiles = _to_uint8(images, scale)
-    if grid:
-        _write_image(np.concatenate(tiles, axis=1), paths[0])
-        return
-    for tile, path in zip(tiles, paths, strict=True):
-        _write_image(tile, path)
 
 
 def warn_pallas_without_gpu(backend: str) -> None:

@@ -17,13 +17,10 @@ from importlib import metadata
 from pathlib import Path
 
 from pqjax.checkpoint import META
+from pqjax.cli_images import UsageError, image_paths
 
 BACKENDS = ("xla", "xla_packed", "pallas")
 ACTS_16BIT = ("none", "16", "bf16")
-
-
-class UsageError(Exception):
-    """A bad command line: printed without a traceback, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -348,61 +345,3 @@ def _check_generate(args: argparse.Namespace) -> None:
         for path in args.image_paths:
             if path.exists():
                 raise UsageError(f"--out: {path} exists; add --overwrite to replace it")
-
-
-def image_extensions() -> dict[str, str]:
-    """File extension -> PIL format, for the formats PIL can write."""
-    from PIL import Image
-
-    Image.init()
-    return {ext: fmt for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
-
-
-def image_paths(out: str, n: int, grid: bool) -> list[Path]:
-    """Where `generate` writes n images (one path with grid). See the --out help."""
-    exts = image_extensions()
-    path = Path(out)
-    is_folder = out.endswith(("/", os.sep)) or path.is_dir() or not path.suffix
-    if "{i}" in out or not is_folder:
-        if path.suffix.lower() not in exts:
-            raise UsageError(
-                f"--out {out}: {path.suffix or 'no extension'} is not an image format PIL "
-                "writes (use .png); a folder: end it with /"
-            )
-    if grid:
-        if is_folder or "{i}" in out:
-            raise UsageError(
-                f"--out {out}: with --grid, give one image file (with its extension), e.g. grid.png"
-            )
-        paths = [path]
-    elif "{i}" in out:
-        try:
-            paths = [Path(out.format(i=i)) for i in range(n)]
-        except (KeyError, IndexError, ValueError) as e:
-            raise UsageError(f"--out {out}: a pattern may only hold {{i}} ({e!r})") from e
-    elif is_folder:
-        width = len(str(n - 1))
-        paths = [path / f"{i:0{width}d}.png" for i in range(n)]
-        _writable_parent(path, "--out")
-        return paths
-    elif n == 1:
-        paths = [path]
-    else:
-        raise UsageError(
-            f"--out {out} names one file for {n} prompts: give a folder, a pattern with {{i}} "
-            f"(e.g. {path.stem}_{{i}}{path.suffix}), or --grid"
-        )
-    for p in paths:
-        _writable_parent(p, "--out", create=False)
-    return paths
-
-
-def _writable_parent(path: Path, flag: str, create: bool = True) -> None:
-    """The folder `path` is written into must exist (`path` itself may be created if create)."""
-    parent = path.resolve().parent
-    if path.is_dir() and create:
-        parent = path.resolve()
-    if not parent.is_dir():
-        raise UsageError(f"{flag} {path}: the folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"{flag} {path}: the folder {parent} is not writable")

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pqjax.cli import save_images
-from pqjax.cli_args import UsageError, image_paths
+from pqjax.cli_images import UsageError, image_paths, save_images
 
 IMAGES = np.random.default_rng(0).uniform(-0.1, 1.1, (3, 4, 6))  # (b, H, W), clipped on save
 
