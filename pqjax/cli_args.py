@@ -21,6 +21,7 @@ from pqjax.cli_images import UsageError, image_paths
 
 BACKENDS = ("xla", "xla_packed", "pallas")
 ACTS_16BIT = ("none", "16", "bf16")
+BACKEND_HELP = "the kernels: pallas needs a CUDA GPU (elsewhere XLA serves, with a warning)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,8 +29,17 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help, unless it is a flag's False or says it itself."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False
+        if unset or action.default == argparse.SUPPRESS or "default" in text:
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return f"{text} (default: %(default)s)".strip()
+        return text
 
 
 # argument types: each refuses a bad value with the argument's name in the message
@@ -180,7 +190,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="accept an order when it lowers the layer error by more than tau",
     )
-    p.add_argument("--backend", default="xla", choices=BACKENDS)
+    p.add_argument("--backend", default="xla", choices=BACKENDS, help=BACKEND_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(sub, "generate", "generate images from a saved checkpoint, one per prompt")
     p.add_argument("checkpoint", help="a folder written by pqjax quantize")
-    p.add_argument("prompt", nargs="+")
+    p.add_argument("prompt", nargs="+", help="one or more prompts, one image each")
     p.add_argument(
         "--out",
         default="images",
@@ -248,10 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="guidance scale >= 0 (default: the model's)",
     )
-    p.add_argument("--backend", default="xla", choices=BACKENDS)
+    p.add_argument("--backend", default="xla", choices=BACKENDS, help=BACKEND_HELP)
 
     p = _sub(sub, "report", "print a checkpoint's quantization report")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a folder written by pqjax quantize")
     return parser
 
 
