@@ -122,8 +122,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     warn_pallas_without_gpu(args.backend)
     pipe = restore(args.checkpoint, backend=args.backend)
+    steps = args.steps or pipe.defaults.num_inference_steps
+    print(f"sampling {len(args.prompt)} image(s), {steps} steps", flush=True)
     images = pipe.generate(
-        args.prompt, seed=args.seed, num_steps=args.steps, guidance=args.guidance, progress=True
+        args.prompt,
+        seed=args.seed,
+        num_steps=args.steps,
+        guidance=args.guidance,
+        progress=args.progress,
     )
     save_images(images, args.image_paths, args.scale, args.grid)
     where = args.image_paths[0] if len(args.image_paths) == 1 else args.image_paths[0].parent

@@ -259,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="guidance scale >= 0 (default: the model's)",
     )
     p.add_argument("--backend", default="xla", choices=BACKENDS, help=BACKEND_HELP)
+    p.add_argument(
+        "--progress",
+        action="store_true",
+        help="a bar over the sampling steps (its host callback keeps the sampling program "
+        "out of the compile cache, so every call compiles it again)",
+    )
 
     p = _sub(sub, "report", "print a checkpoint's quantization report")
     p.add_argument("checkpoint", help="a folder written by pqjax quantize")
