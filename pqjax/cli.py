@@ -6,7 +6,9 @@ pqjax generate DIR "a handwritten digit 7" "3" --out images/
 pqjax report DIR
 
 Every argument is checked (pqjax.cli_args) before any model is loaded; a user error prints one
-or two lines on stderr and exits with code 2 (`--debug`: the traceback).
+or two lines on stderr and exits with code 2 (`--debug`: the traceback). Compiled programs are
+kept in jax's persistent cache (pqjax.compile_cache; `--no-compile-cache` or
+PQJAX_COMPILE_CACHE=0 turns it off), so a second identical call does not compile again.
 """
 
 from __future__ import annotations
