@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pqjax import formats
@@ -66,7 +67,7 @@ OPTION_TYPES: dict[str, tuple[type, ...]] = {
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
 
 
 def _check_options(options: Any) -> None:
@@ -182,7 +183,7 @@ class QuantConfig:
         _check_alpha(self.alpha)
         if not (_is_number(self.tau) and math.isfinite(self.tau)):
             raise ValueError(f"QuantConfig.tau must be a finite number, got {self.tau!r}")
-        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool)):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer):
             raise ValueError(f"QuantConfig.seed must be an int, got {self.seed!r}")
         if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
             raise ValueError(f"QuantConfig.skip must be a tuple of patterns, got {self.skip!r}")
