@@ -286,7 +286,8 @@ def estimate_memory(
     cache_batch = calib_batch * cache_tokens * fam.dim * 2 * 2  # a batch of block inputs, outputs
     vae = components.get("vae", {}).get("bf16_bytes", 0)
     encoders = sum(c["bf16_bytes"] for k, c in components.items() if k.startswith("text"))
-    vae_act = batch * 3 * 128 * height * width * 2  # three full-resolution 128-channel maps
+    # the FLUX VAE decoder: three full-resolution 128-channel maps
+    vae_act = batch * 3 * 128 * height * width * 2 if "vae" in components else 0
     peaks = {
         "inference (quantized transformer + VAE, encoders released)": (
             tr["quantized_bytes"] + vae + max(act, vae_act)
@@ -296,7 +297,6 @@ def estimate_memory(
             tr["bf16_bytes"] + vae + max(act, vae_act)
         )
         / GiB,
-        "prompt encoding (text encoders, bf16)": encoders / GiB,
         "block-wise quantization (device)": (
             tr["quantized_bytes"] + biggest_block + cache_batch + act
         )
@@ -306,6 +306,9 @@ def estimate_memory(
         )
         / GiB,
     }
+    if encoders:
+        peaks["prompt encoding (text encoders, bf16)"] = encoders / GiB
+    missing = [k for k, n in (("text encoders", encoders), ("autoencoder", vae)) if not n]
     assumptions = {
         "resolution": f"{height}x{width} ({img_tokens} image + {txt} text tokens)",
         "family": fam.notes,
@@ -314,4 +317,6 @@ def estimate_memory(
         "calibration": f"{calib_batch} samples per device batch, cache on the host",
         "skipped (16-bit)": ", ".join(config.skip[:5]) + ", ...",
     }
+    if missing:
+        assumptions["not counted"] = " and ".join(missing) + " (not in this preset yet)"
     return MemoryEstimate(name, f"{config.label} ({config.method})", components, peaks, assumptions)

@@ -74,9 +74,12 @@ def test_family_token_counts_and_widths():
     sana = estimate_memory("sana-1.5-1.6b")
     assert "(1024 image + 300 text tokens)" in sana.assumptions["resolution"]
     assert "Mix-FFN 2.5d" in sana.assumptions["family"]
+    assert "text encoders and autoencoder" in sana.assumptions["not counted"]
+    assert "prompt encoding (text encoders, bf16)" not in sana.peaks
     for name, txt in [("flux-dev", 512), ("flux-schnell", 256), ("z-image-turbo", 512)]:
         est = estimate_memory(name, height=512, width=768)
         assert f"(1536 image + {txt} text tokens)" in est.assumptions["resolution"]
+    assert "not counted" not in estimate_memory("flux-dev").assumptions
 
 
 def test_peaks_grow_with_resolution_and_in_memory_exceeds_streamed(flux_dev):
