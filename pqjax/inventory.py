@@ -1,14 +1,16 @@
 """Parameter inventories computed from a model's config alone: no module is built.
 
     inv = inventory(FluxConfig(guidance_embeds=True))     # FLUX.1-dev's transformer
-    inv.params                   # 11_901_408_320
-    inv.linears["transformer_blocks.0.attn.to_q"]         # (d_in, d_out, has_bias)
+    inv.param_count                                       # 11_901_408_320
+    inv.params["x_embedder.kernel"]                       # (64, 3072)
+    inv.linears["transformer_blocks.0.attn.to_q"]         # (3072, 3072, True): d_in, d_out, bias
 
-`nnx.eval_shape` of a full-size model traces every initializer and takes seconds (FLUX.1-dev
-about 4 s); these functions list the same parameters in microseconds, so `estimate_memory`
-answers at once. Each mirrors its module's constructor; tests/test_inventory.py holds them
-equal, path for path and shape for shape, to the abstract modules on small configs, and the
-full presets to their published parameter counts.
+`nnx.eval_shape` of a full-size model traces every initializer and takes seconds (FLUX.1-dev's
+transformer about 20 s on 2 CPU cores); these functions list the same parameters in about a
+millisecond, so `estimate_memory` answers at once. Each mirrors its module's constructor (a
+model change must change its inventory too): tests/test_inventory.py holds them equal, path
+for path and shape for shape, to the abstract modules on small configs, and the full presets
+to their released parameter counts.
 """
 
 from __future__ import annotations
