@@ -154,7 +154,7 @@ def stream_quantize(
     if config.method not in ("rtn", "permuquant"):
         raise ValueError(f"streaming supports methods rtn and permuquant, not {config.method!r}")
     t0 = time.perf_counter()
-    work = Path(work_dir)
+    work = Path(work_dir).expanduser().resolve()  # orbax writes to absolute paths only
     (work / "blocks").mkdir(parents=True, exist_ok=True)
     st = _Streamer(source, dtype, allow_pickle)
     manifest_path = work / "manifest.json"

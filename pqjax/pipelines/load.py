@@ -18,24 +18,16 @@ from typing import Any
 import jax.numpy as jnp
 
 import convert
+from convert.resolve import EMBEDDED_MODELS
 from pqjax.pipelines.flow import FlowMatchEuler
 from pqjax.pipelines.pipeline import IdentityDecoder, Pipeline, SamplingDefaults
 
-EMBEDDED = "tiny-flux-digits"
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-
-
-def embedded_path(name: str = EMBEDDED) -> Path:
-    path = ASSETS / name
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"the embedded model {name!r} is missing from {ASSETS}")
-    return path
+EMBEDDED = EMBEDDED_MODELS[0]  # "tiny-flux-digits", in pqjax/assets/
 
 
 def resolve_root(name_or_path: str | os.PathLike) -> Path:
-    """The pipeline root folder (with model_index.json) of a name or path."""
-    if str(name_or_path) == EMBEDDED:
-        return embedded_path()
+    """The pipeline root folder (with model_index.json) of a name or path (the embedded
+    model's name included: `convert.resolve` knows it)."""
     component = convert.resolve(name_or_path, "transformer")
     root = component.parent if component.name == "transformer" else component
     if not (root / "model_index.json").is_file():
