@@ -56,7 +56,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 D, TOKENS, K, N = 3072, 4096 + 512, 3072, 3072
 NORM_FORMATS = (None, "nvfp4", "mxfp4", "int4", "int4_asym")
 # one d per NORM_TABLE row (the row is chosen by the padded tile Gp * H at group 16)
-NORM_TABLE_D = (1024, 3072, 8192)
+NORM_TABLE_D = (1024, 3072)
 # one M per MATMUL_TABLE row (its upper bound; FLUX's 4608 tokens for the open row)
 MATMUL_TABLE_M = (16, 64, 256, TOKENS)
 MATMULS = ("nvfp4", "mxfp4_fp8", "mxfp4_bf16", "w4a16")

@@ -4,9 +4,9 @@ Sources. Each table row says where it comes from: "reasoning" (no GPU has run th
 yet; the reasoning is below) or "compiled" (the row was changed after compiling the kernels
 for sm_80, sm_90a and sm_120 with no GPU: `benchmarks/compile_kernels.py`, results in
 benchmarks/results/kernels_compiled.md; tests/pallas_kernels/test_compiled.py holds every row
-to no spills and to each target's shared-memory limit, the widest norm row as a strict
-xfail). Timings are still to come from the sweeps of `benchmarks/kernels_gpu.py` on H100 /
-H200 / RTX 5090. The reasoning, for an H100 SXM (132 SMs, 3.35 TB/s, ~50 MB L2):
+to no spills and to each target's shared-memory limit; norm rows past the table go to XLA).
+Timings are still to come from the sweeps of `benchmarks/kernels_gpu.py` on H100 / H200 /
+RTX 5090. The reasoning, for an H100 SXM (132 SMs, 3.35 TB/s, ~50 MB L2):
 
 Norm (`NormConfig`): a row is one register tile of Gp*H float32 values (4096 for d = 3072
 with group 16). 8 warps keep that at 16 values per thread; 4 warps suffice up to 1024 values,
@@ -79,13 +79,21 @@ class MatmulConfig:
 
 
 # (max tile elements of a row, tokens per program, warps); every row: reasoning (above);
-# compiled for sm_80 / sm_90a / sm_120 (kernels_compiled.md): the first two spill-free,
-# the last spills ~0.5 KB on each (a kernel limit: no warp count avoids it)
-NORM_TABLE: tuple[tuple[int | None, int, int], ...] = (
+# compiled for sm_80 / sm_90a / sm_120 (kernels_compiled.md): both spill-free. A third row
+# for wider tiles (4 tokens, 16 warps) spilled ~0.5 KB on each target at every warp count (a
+# kernel limit: the row is one register tile), so wider rows are not served: the dispatcher
+# hands them to XLA (`MAX_NORM_TILE`) until the kernel tiles a row.
+NORM_TABLE: tuple[tuple[int, int, int], ...] = (
     (1024, 16, 4),
     (4096, 8, 8),
-    (None, 4, 16),
 )
+MAX_NORM_TILE = NORM_TABLE[-1][0]
+
+
+def norm_tile(d: int, group: int = 16) -> int:
+    """Elements of the register tile that holds one norm row: d padded to whole groups, the
+    group count and the group size each rounded up to a power of two."""
+    return _pow2(-(-d // group)) * _pow2(group)
 
 # (max M, block_m, block_n, block_k, warps, stages); source of each row in its comment
 MATMUL_TABLE: tuple[tuple[int | None, int, int, int, int, int], ...] = (
@@ -103,12 +111,14 @@ MATMUL_TABLE: tuple[tuple[int | None, int, int, int, int, int], ...] = (
 
 
 def norm_config(d: int, tokens: int, group: int = 16) -> NormConfig:
-    """Table lookup by the row tile size; rows capped by the token count."""
-    elems = _pow2(-(-d // group)) * _pow2(group)
+    """Table lookup by the row tile size; rows capped by the token count. Rows past
+    `MAX_NORM_TILE` have no config (they spill): ValueError."""
+    elems = norm_tile(d, group)
     for max_elems, rows, warps in NORM_TABLE:
-        if max_elems is None or elems <= max_elems:
+        if elems <= max_elems:
             return NormConfig(rows=max(1, min(rows, tokens)), num_warps=warps)
-    raise AssertionError("unreachable")
+    raise ValueError(f"a norm row of {d} channels (group {group}) is a {elems}-element tile; "
+                     f"the kernel serves at most {MAX_NORM_TILE} (wider rows spill)")
 
 
 def matmul_config(m: int, n: int, k: int, *, sm_count: int = SM_COUNT) -> MatmulConfig:

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.configs import MAX_NORM_TILE, norm_tile
 from pallas_kernels.fp4_matmul import fp4_matmul, w4a16_matmul
 from pallas_kernels.kernel_math import QuantSpec
 from pallas_kernels.permuted_norm import permuted_norm as norm_kernel
@@ -30,7 +31,6 @@ from pallas_kernels.permuted_norm import permuted_norm_reference
 from pqjax import formats
 
 ENV_INTERPRET = "PQJAX_PALLAS_INTERPRET"
-MAX_ROW = 16384  # channels a norm row may have (one register tile per row)
 FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 FP4 = ("nvfp4", "mxfp4")
 _warned: set[str] = set()
@@ -86,8 +86,10 @@ def _norm_args(norm: Any) -> tuple[str, dict[str, Any]]:
 def _norm_problem(x, scale, shift, quant, gs) -> str | None:
     if x.dtype not in FLOAT_DTYPES:
         return f"x dtype {x.dtype} (kernels take bfloat16, float16, float32)"
-    if x.shape[-1] > MAX_ROW:
-        return f"rows of {x.shape[-1]} channels (at most {MAX_ROW})"
+    group = 16 if quant is None else quant.group_size
+    if norm_tile(x.shape[-1], group) > MAX_NORM_TILE:
+        return (f"rows of {x.shape[-1]} channels: a {norm_tile(x.shape[-1], group)}-element "
+                f"register tile, past the {MAX_NORM_TILE} the kernel holds without spilling")
     if (scale is not None or shift is not None) and x.ndim != 3:
         return f"modulation needs x as (batch, tokens, d), got {x.shape}"
     if quant is not None:

@@ -265,3 +265,18 @@ def test_fusion_plan(tiny_flux):
     other = _qlin("mxfp4", "mxfp4")
     assert "activation format" in fusion.why_not([attn.to_q, other])
     assert "QuantLinear" in fusion.why_not([attn.to_q, Linear(4, 4, rngs=nnx.Rngs(0))])
+
+
+@pytest.mark.usefixtures("interpret")
+def test_norm_rows_past_the_register_tile_go_to_xla():
+    """A row wider than the kernel's 4096-element register tile (it spills there, see
+    test_compiled) is served by XLA with a named reason, computing the reference's result."""
+    d = 4112  # 257 groups of 16 -> a 512 x 16 = 8192-element tile
+    norm = RMSNorm(d)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 3, d)), jnp.float32)
+    dispatch._warned.clear()
+    with pytest.warns(dispatch.PallasFallbackWarning, match="8192-element register tile"):
+        out = dispatch.permuted_norm(norm, x)
+    ref = permuted_norm_reference(x, None, norm.scale[...], None, None, None, kind="rms",
+                                  eps=norm.eps)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))  # the same XLA program
