@@ -26,7 +26,7 @@ from pqjax.models.dcae import AutoencoderDC
 from pqjax.models.gemma2 import Gemma2Model
 from pqjax.models.lm_prompts import SANA_MAX_SEQUENCE_LENGTH, sana_encode_prompt
 from pqjax.models.lm_tokenizer import LMTokenizer
-from pqjax.pipelines.components import read_json_object
+from pqjax.pipelines.components import load_lm_parts, read_json_object, save_lm_parts
 from pqjax.pipelines.sana import DEFAULT_GUIDANCE, DEFAULT_STEPS, SanaSchedule, sana_sample
 
 
@@ -35,6 +35,9 @@ def _size(value: int, factor: int, what: str) -> int:
         raise ValueError(f"{what} must be a positive multiple of {factor}, got {value!r}")
     return value
 
+
+# Sampling settings a checkpoint keeps (the schedule is kept beside them).
+SETTINGS = ("num_steps", "guidance", "height", "width", "max_sequence_length")
 
 @dataclasses.dataclass
 class SanaTextToImage:
@@ -134,6 +137,20 @@ class SanaTextToImage:
                          report: Any = None) -> SanaTextToImage:
         return dataclasses.replace(self, transformer=transformer, quant_config=quant_config,
                                    report=report)
+
+    def save_parts(self, folder: Path) -> None:
+        """Everything but the transformer (which `pqjax.save` writes), for `load_parts`."""
+        settings = {name: getattr(self, name) for name in SETTINGS}
+        save_lm_parts(folder, self.text_encoder, self.tokenizer, self.vae,
+                      {**settings, "scheduler_config": self.scheduler_config})
+
+    @classmethod
+    def load_parts(cls, folder: Path, transformer: Any, **fields: Any) -> SanaTextToImage:
+        """The pipeline `save_parts` wrote, around a restored `transformer`."""
+        text_encoder, tokenizer, vae, settings = load_lm_parts(folder)
+        return cls(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
+                   vae=vae, scheduler_config=settings.pop("scheduler_config"),
+                   **{k: settings[k] for k in SETTINGS}, **fields)
 
 
 def load_sana(root: Path, dtype: Any = jnp.float32) -> SanaTextToImage:

@@ -26,10 +26,12 @@ from pqjax.models.lm_prompts import ZIMAGE_MAX_SEQUENCE_LENGTH, zimage_encode_pr
 from pqjax.models.lm_tokenizer import LMTokenizer
 from pqjax.models.qwen3 import Qwen3Model
 from pqjax.models.vae import AutoencoderKL, latents_to_vae
-from pqjax.pipelines.components import read_json_object
+from pqjax.pipelines.components import load_lm_parts, read_json_object, save_lm_parts
 from pqjax.pipelines.flow import FlowMatchEuler
 from pqjax.pipelines.zimage import DEFAULT_STEPS, zimage_sample, zimage_schedule
 
+# Sampling settings a checkpoint keeps (the schedule is kept beside them).
+SETTINGS = ("num_steps", "guidance", "height", "width", "max_sequence_length")
 
 @dataclasses.dataclass
 class ZImageTextToImage:
@@ -128,6 +130,20 @@ class ZImageTextToImage:
                          report: Any = None) -> ZImageTextToImage:
         return dataclasses.replace(self, transformer=transformer, quant_config=quant_config,
                                    report=report)
+
+    def save_parts(self, folder: Path) -> None:
+        """Everything but the transformer (which `pqjax.save` writes), for `load_parts`."""
+        settings = {name: getattr(self, name) for name in SETTINGS}
+        save_lm_parts(folder, self.text_encoder, self.tokenizer, self.vae,
+                      {**settings, "scheduler": dataclasses.asdict(self.scheduler)})
+
+    @classmethod
+    def load_parts(cls, folder: Path, transformer: Any, **fields: Any) -> ZImageTextToImage:
+        """The pipeline `save_parts` wrote, around a restored `transformer`."""
+        text_encoder, tokenizer, vae, settings = load_lm_parts(folder)
+        return cls(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
+                   vae=vae, scheduler=FlowMatchEuler(**settings.pop("scheduler")),
+                   **{k: settings[k] for k in SETTINGS}, **fields)
 
 
 def load_zimage(root: Path, dtype: Any = jnp.float32) -> ZImageTextToImage:

@@ -129,6 +129,15 @@ def _check_quantized(qpipe, pipe, prompts, **kw):
     assert np.isfinite(q).all() and q.shape == fp.shape
     err = np.sqrt(np.mean((q - fp) ** 2))
     assert 0 < err < 0.25, err  # changed by quantization, yet far from noise (std ~0.3)
+    return q
+
+
+def _round_trip(qpipe, images, prompts, tmp_path, **kw):
+    """save -> restore -> generate: the same images, bit for bit (the same computation)."""
+    out = pqjax.save(qpipe, tmp_path / "ckpt")
+    back = pqjax.restore(out)
+    assert type(back) is type(qpipe) and back.quant_config == qpipe.quant_config
+    np.testing.assert_array_equal(back.generate(prompts, **kw), images)
 
 
 def test_sana_convert_and_quantize(tmp_path):
@@ -140,7 +149,8 @@ def test_sana_convert_and_quantize(tmp_path):
     assert len(batches) == 2 and batches[0]["hidden_states"].shape == (4, 4, 8, 8)  # CFG: 2 x 2
     qpipe = pqjax.convert_and_quantize(folder, pqjax.QuantConfig(), PROMPTS[:2], calib_steps=2,
                                        progress=False)
-    _check_quantized(qpipe, pipe, PROMPTS[2:], num_steps=2)
+    images = _check_quantized(qpipe, pipe, PROMPTS[2:], num_steps=2)
+    _round_trip(qpipe, images, PROMPTS[2:], tmp_path, num_steps=2)
 
 
 def test_zimage_quantize_on_its_trajectories(tmp_path):
@@ -151,4 +161,5 @@ def test_zimage_quantize_on_its_trajectories(tmp_path):
     kw = dict(num_steps=2, height=16, width=16)
     calib = calibrate_pipeline(pipe, PROMPTS[:2], progress=False, **kw)
     qpipe = quantize_pipeline(pipe, calib, pqjax.QuantConfig())
-    _check_quantized(qpipe, pipe, PROMPTS[2:], **kw)
+    images = _check_quantized(qpipe, pipe, PROMPTS[2:], **kw)
+    _round_trip(qpipe, images, PROMPTS[2:], tmp_path, **kw)
