@@ -5,7 +5,8 @@ model = load_transformer("flux-dev")          # local folder, HF cache entry or 
 export_transformer(model, "out/transformer")  # diffusers-loadable safetensors + config.json
 """
 
-from convert.loader import export_model, export_transformer, load_model, load_transformer
+from convert.export import export_model, export_transformer
+from convert.loader import load_model, load_transformer
 from convert.resolve import SHORT_NAMES, ModelNotFoundError, resolve
 from convert.safetensors_io import Checkpoint, CheckpointError
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pqjax.errors import MissingFileError
+
 SHORT_NAMES: dict[str, str] = {
     "flux-dev": "black-forest-labs/FLUX.1-dev",
     "flux-schnell": "black-forest-labs/FLUX.1-schnell",
@@ -23,7 +25,7 @@ SHORT_NAMES: dict[str, str] = {
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.pt", "*.pth")
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(MissingFileError):
     """A named model that is not on this machine; the message says where we looked."""
 
 
@@ -51,10 +53,19 @@ def _snapshot(cache: Path, repo_id: str) -> Path | None:
         return None
     ref = repo / "refs" / "main"
     if ref.is_file():
-        candidate = snapshots / ref.read_text().strip()
-        if candidate.is_dir():
-            return candidate
-    revs = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+        rev = ref.read_text().strip()
+        candidate = snapshots / rev
+        if not rev or "/" in rev or not candidate.is_dir():
+            raise ModelNotFoundError(
+                f"{ref} names revision {rev!r}, but {snapshots} has no such snapshot (a partial "
+                "or interrupted download?); download it again, or pass the snapshot folder"
+            )
+        return candidate
+    revs = sorted(
+        (p for p in snapshots.iterdir() if p.is_dir()),  # a stray file is no snapshot
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
     return revs[0] if revs else None
 
 
@@ -83,6 +94,11 @@ def _component(root: Path, subfolder: str | None, what: str) -> Path:
 
 def resolve(path_or_name: str | os.PathLike, subfolder: str | None = "transformer") -> Path:
     """Local folder of the component `subfolder` of `path_or_name` (see module docstring)."""
+    if not str(path_or_name).strip():
+        raise ModelNotFoundError(
+            f"model name or path is empty ({str(path_or_name)!r}); pass a folder, a Hugging Face "
+            f"repo id or a short name ({sorted(SHORT_NAMES)}); '.' for the current folder"
+        )
     path = Path(path_or_name).expanduser()
     what = subfolder or "model"
     if path.exists():

@@ -92,7 +92,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from pqjax.eval.compare import EvalSpec, compare, summary_table
     from pqjax.pipelines.load import EMBEDDED, load_pipeline
 
-    fp = load_pipeline(args.model)
+    fp = load_pipeline(args.model, allow_pickle=args.allow_pickle)
     prompts = Path(args.calib_prompts).read_text().splitlines() if args.calib_prompts else None
     calib = calibrate_pipeline(fp, prompts, n_rows=args.rows)
     config = _config(args)
@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-prompts", help="a text file with one prompt per line")
     p.add_argument("--rows", type=int, default=256)
     p.add_argument("--no-compare", action="store_true", help="skip the image comparison")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also load pickled .bin/.pt weights (torch, weights_only=True)")
     _add_quant_args(p)
     p.set_defaults(fn=cmd_quantize)
     p = sub.add_parser("generate", help="generate images from a saved checkpoint")

@@ -153,7 +153,8 @@ class SanaTextToImage:
                    **{k: settings[k] for k in SETTINGS}, **fields)
 
 
-def load_sana(root: Path, dtype: Any = jnp.float32) -> SanaTextToImage:
+def load_sana(root: Path, dtype: Any = jnp.float32, *,
+              allow_pickle: bool = False) -> SanaTextToImage:
     """A diffusers SanaPipeline folder (transformer/, text_encoder/, tokenizer/, vae/,
     scheduler/) as a JAX pipeline."""
     root = Path(root)
@@ -163,13 +164,14 @@ def load_sana(root: Path, dtype: Any = jnp.float32) -> SanaTextToImage:
         SanaSchedule.from_config(config, DEFAULT_STEPS)  # refuse a scheduler we cannot run now
     except ValueError as e:
         raise ValueError(f"{sched_path}: {e}") from e
-    transformer = convert.load_transformer(root, dtype=dtype)
-    vae = convert.load_model(root / "vae", dtype=dtype)
+    transformer = convert.load_transformer(root, dtype=dtype, allow_pickle=allow_pickle)
+    vae = convert.load_model(root / "vae", dtype=dtype, allow_pickle=allow_pickle)
     # SanaPipeline's default size: the transformer's sample_size in latents (1024 px for 1.5).
     size = int(transformer.config.sample_size) * vae.config.spatial_compression
     return SanaTextToImage(
         transformer=transformer,
-        text_encoder=convert.load_model(root / "text_encoder", dtype=dtype),
+        text_encoder=convert.load_model(root / "text_encoder", dtype=dtype,
+                                        allow_pickle=allow_pickle),
         tokenizer=LMTokenizer.load(root / "tokenizer"),
         vae=vae,
         scheduler_config=config,

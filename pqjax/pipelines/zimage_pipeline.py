@@ -146,16 +146,18 @@ class ZImageTextToImage:
                    **{k: settings[k] for k in SETTINGS}, **fields)
 
 
-def load_zimage(root: Path, dtype: Any = jnp.float32) -> ZImageTextToImage:
+def load_zimage(root: Path, dtype: Any = jnp.float32, *,
+                allow_pickle: bool = False) -> ZImageTextToImage:
     """A diffusers ZImagePipeline folder (transformer/, text_encoder/, tokenizer/, vae/,
     scheduler/) as a JAX pipeline."""
     root = Path(root)
     sched_path = root / "scheduler" / "scheduler_config.json"
     return ZImageTextToImage(
-        transformer=convert.load_transformer(root, dtype=dtype),
-        text_encoder=convert.load_model(root / "text_encoder", dtype=dtype),
+        transformer=convert.load_transformer(root, dtype=dtype, allow_pickle=allow_pickle),
+        text_encoder=convert.load_model(root / "text_encoder", dtype=dtype,
+                                        allow_pickle=allow_pickle),
         tokenizer=LMTokenizer.load(root / "tokenizer"),
-        vae=convert.load_model(root / "vae", dtype=dtype),
+        vae=convert.load_model(root / "vae", dtype=dtype, allow_pickle=allow_pickle),
         scheduler=FlowMatchEuler.from_config(read_json_object(sched_path), str(sched_path)),
         source=str(root),
     )
