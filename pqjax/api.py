@@ -57,6 +57,7 @@ def calibrate_pipeline(
         prompts, seed=seed, num_steps=num_steps, height=height, width=width
     )
     return calibrate(pipe.transformer, batches, n_rows=n_rows, seed=seed,
+                     forward=getattr(pipe, "calibration_forward", None),
                      track_batches=track_batches, progress=progress)
 
 

@@ -126,18 +126,16 @@ def save(pipe: Pipeline, out_dir: str | os.PathLike, *, overwrite: bool = False)
             else dataclasses.asdict(pipe.quant_config),
             "quantized_layers": layers,
             "norm_perms": perms,
-            "pipeline": {
-                "text_encoder": _component_name(pipe.text_encoder),
-                "decoder": _component_name(pipe.decoder),
-                "defaults": dataclasses.asdict(pipe.defaults),
-                "scheduler": dataclasses.asdict(pipe.scheduler),
-            },
+            "pipeline": _pipeline_meta(pipe),
         }
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(tmp / "transformer", state_dict(model))
         ckptr.wait_until_finished()
-        pipe.text_encoder.save(tmp / "text_encoder")
-        pipe.decoder.save(tmp / "decoder")
+        if hasattr(pipe, "save_parts"):  # SANA, Z-Image: the pipeline writes its own parts
+            pipe.save_parts(tmp / "pipeline")
+        else:
+            pipe.text_encoder.save(tmp / "text_encoder")
+            pipe.decoder.save(tmp / "decoder")
         if pipe.report is not None:
             pipe.report.save(tmp / "report")
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -279,6 +277,9 @@ def restore(ckpt_dir: str | os.PathLike, *, backend: str = "xla") -> Pipeline:
     config = None if qc is None else _quant_config(qc)
     report_path = root / "report" / "report.json"
     report = QuantReport.load(report_path) if report_path.is_file() else None
+    if "kind" in p:
+        return _component(p["kind"]).load_parts(root / "pipeline", model, source=meta["source"],
+                                                quant_config=config, report=report)
     return Pipeline(
         transformer=model,
         text_encoder=_component(p["text_encoder"]).load(root / "text_encoder"),
@@ -309,7 +310,20 @@ COMPONENTS = {
     "FluxTextEncoders": "pqjax.pipelines.flux:FluxTextEncoders",
     "IdentityDecoder": "pqjax.pipelines.pipeline:IdentityDecoder",
     "VAEDecoder": "pqjax.pipelines.flux:VAEDecoder",
+    "SanaTextToImage": "pqjax.pipelines.sana_pipeline:SanaTextToImage",
+    "ZImageTextToImage": "pqjax.pipelines.zimage_pipeline:ZImageTextToImage",
 }
+
+
+def _pipeline_meta(pipe: Any) -> dict[str, Any]:
+    if hasattr(pipe, "save_parts"):
+        return {"kind": _component_name(pipe)}
+    return {
+        "text_encoder": _component_name(pipe.text_encoder),
+        "decoder": _component_name(pipe.decoder),
+        "defaults": dataclasses.asdict(pipe.defaults),
+        "scheduler": dataclasses.asdict(pipe.scheduler),
+    }
 
 
 def _component_name(obj: Any) -> str:

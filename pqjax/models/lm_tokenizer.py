@@ -134,3 +134,15 @@ def _compile(template: str) -> Any:
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(template)
+
+
+def save_tokenizer(tok: LMTokenizer, folder: str | Path) -> None:
+    """Write `tok` as `tokenizer.json` + `tokenizer_config.json` (the special tokens and the chat
+    template), which `LMTokenizer.load` and transformers' AutoTokenizer read back."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(tok.backend.to_str())
+    config: dict[str, Any] = dict(tok.special)
+    if tok.chat_template is not None:
+        config["chat_template"] = tok.chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -149,10 +149,11 @@ def flow_dpm_solver_step(sample: jax.Array, velocity: jax.Array, x0_prev: jax.Ar
 
 def flow_dpm_solve(velocity: Callable[[jax.Array, jax.Array], jax.Array], latents: jax.Array,
                    sigmas: jax.Array, second_order: jax.Array,
-                   solver_type: str = "midpoint") -> jax.Array:
+                   solver_type: str = "midpoint", trajectory: bool = False) -> Any:
     """The scheduler's loop as one `lax.fori_loop`: `velocity(i, x) -> v` (same shape as x) at
     step i; latents `(b, c, h, w)`; sigmas `(n + 1,)`; second_order `(n,)` bool. Carries
-    (x, previous x0) in float32; returns the final x `(b, c, h, w)` float32. Traceable."""
+    (x, previous x0) in float32; returns the final x `(b, c, h, w)` float32. Traceable.
+    trajectory: also return the sample before every step, `(n, b, c, h, w)` (a `lax.scan`)."""
     x = latents.astype(jnp.float32)
 
     def body(i, carry):
@@ -160,13 +161,17 @@ def flow_dpm_solve(velocity: Callable[[jax.Array, jax.Array], jax.Array], latent
         return flow_dpm_solver_step(x, velocity(i, x), x0_prev, sigmas, i, second_order[i],
                                     solver_type)
 
+    if trajectory:
+        (x, _), xs = jax.lax.scan(lambda c, i: (body(i, c), c[0]), (x, jnp.zeros_like(x)),
+                                  jnp.arange(second_order.shape[0]))
+        return x, xs
     x, _ = jax.lax.fori_loop(0, second_order.shape[0], body, (x, jnp.zeros_like(x)))
     return x
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "solver_type", "cfg"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "solver_type", "cfg", "trajectory"))
 def _sample(graphdef, state, latents, sigmas, timesteps, second_order, ctx, mask, guidance_scale,
-            *, solver_type: str, cfg: bool):
+            *, solver_type: str, cfg: bool, trajectory: bool = False):
     model = nnx.merge(graphdef, state)
     b, c = latents.shape[:2]
 
@@ -179,16 +184,17 @@ def _sample(graphdef, state, latents, sigmas, timesteps, second_order, ctx, mask
             out = out[:b] + guidance_scale * (out[b:] - out[:b])
         return out[:, :c] if out.shape[1] == 2 * c else out  # learned sigma: drop the 2nd half
 
-    return flow_dpm_solve(velocity, latents, sigmas, second_order, solver_type)
+    return flow_dpm_solve(velocity, latents, sigmas, second_order, solver_type, trajectory)
 
 
 def sana_sample(model: nnx.Module, latents: jax.Array, schedule: SanaSchedule,
                 encoder_hidden_states: jax.Array, encoder_attention_mask: jax.Array | None = None,
                 negative_encoder_hidden_states: jax.Array | None = None,
                 negative_encoder_attention_mask: jax.Array | None = None,
-                guidance_scale: float = DEFAULT_GUIDANCE) -> jax.Array:
+                guidance_scale: float = DEFAULT_GUIDANCE, *, trajectory: bool = False) -> Any:
     """Denoise `latents (b, c, h, w)` (the starting noise) as SanaPipeline does; returns the final
-    latents `(b, c, h, w)` float32.
+    latents `(b, c, h, w)` float32 (with `trajectory`: and the latents before every step,
+    `(n, b, c, h, w)`, the transformer's inputs for calibration).
 
     encoder_hidden_states `(b, s, caption_channels)` in the model's dtype, with its
     `encoder_attention_mask (b, s)` (1 = token, 0 = padding; None = all tokens);
@@ -218,4 +224,5 @@ def sana_sample(model: nnx.Module, latents: jax.Array, schedule: SanaSchedule,
     return _sample(graphdef, state, jnp.asarray(latents), jnp.asarray(schedule.sigmas),
                    jnp.asarray(timesteps), jnp.asarray(schedule.second_order), ctx,
                    None if mask is None else jnp.asarray(mask),
-                   jnp.float32(guidance_scale), solver_type=schedule.solver_type, cfg=cfg)
+                   jnp.float32(guidance_scale), solver_type=schedule.solver_type, cfg=cfg,
+                   trajectory=trajectory)

@@ -26,7 +26,7 @@ from pqjax.models.dcae import AutoencoderDC
 from pqjax.models.gemma2 import Gemma2Model
 from pqjax.models.lm_prompts import SANA_MAX_SEQUENCE_LENGTH, sana_encode_prompt
 from pqjax.models.lm_tokenizer import LMTokenizer
-from pqjax.pipelines.components import read_json_object
+from pqjax.pipelines.components import load_lm_parts, read_json_object, save_lm_parts
 from pqjax.pipelines.sana import DEFAULT_GUIDANCE, DEFAULT_STEPS, SanaSchedule, sana_sample
 
 
@@ -35,6 +35,9 @@ def _size(value: int, factor: int, what: str) -> int:
         raise ValueError(f"{what} must be a positive multiple of {factor}, got {value!r}")
     return value
 
+
+# Sampling settings a checkpoint keeps (the schedule is kept beside them).
+SETTINGS = ("num_steps", "guidance", "height", "width", "max_sequence_length")
 
 @dataclasses.dataclass
 class SanaTextToImage:
@@ -71,12 +74,8 @@ class SanaTextToImage:
                                   negative_prompt=negative_prompt,
                                   max_sequence_length=self.max_sequence_length)
 
-    def sample_latents(self, prompts: str | Sequence[str], *, seed: int = 0,
-                       num_steps: int | None = None, guidance: float | None = None,
-                       height: int | None = None, width: int | None = None,
-                       latents: jax.Array | None = None,
-                       negative_prompt: str | Sequence[str] = "") -> jax.Array:
-        """Final latents `(b, 32, H/32, W/32)` float32, before decoding."""
+    def _prepare(self, prompts, seed, num_steps, guidance, height, width, latents,
+                 negative_prompt):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         f = self.vae_scale_factor
         height = _size(height or self.height, f, "height")
@@ -90,8 +89,38 @@ class SanaTextToImage:
         noise = self.initial_noise(len(prompts), seed, height, width) if latents is None \
             else jnp.asarray(latents, jnp.float32)
         schedule = SanaSchedule.from_config(self.scheduler_config, steps)
-        return sana_sample(self.transformer, noise, schedule, embeds, mask, neg, neg_mask,
-                           guidance_scale=g)
+        return (self.transformer, noise, schedule, embeds, mask, neg, neg_mask), g
+
+    def sample_latents(self, prompts: str | Sequence[str], *, seed: int = 0,
+                       num_steps: int | None = None, guidance: float | None = None,
+                       height: int | None = None, width: int | None = None,
+                       latents: jax.Array | None = None,
+                       negative_prompt: str | Sequence[str] = "") -> jax.Array:
+        """Final latents `(b, 32, H/32, W/32)` float32, before decoding."""
+        args, g = self._prepare(prompts, seed, num_steps, guidance, height, width, latents,
+                                negative_prompt)
+        return sana_sample(*args, guidance_scale=g)
+
+    def calibration_batches(self, prompts: Sequence[str], *, seed: int = 0,
+                            num_steps: int | None = None, guidance: float | None = None,
+                            height: int | None = None, width: int | None = None
+                            ) -> list[dict[str, jax.Array]]:
+        """The transformer's inputs along the sampling trajectory of `prompts`, one batch per
+        step: with guidance, the doubled batch `[negative; prompts]` the model really sees."""
+        args, g = self._prepare(prompts, seed, num_steps, guidance, height, width, None, "")
+        model, _, schedule, embeds, mask, neg, neg_mask = args
+        _, xs = sana_sample(*args, guidance_scale=g, trajectory=True)
+        ctx, cmask = embeds, mask
+        if g > 1:
+            ctx, cmask = jnp.concatenate([neg, embeds]), jnp.concatenate([neg_mask, mask])
+        t = schedule.model_timesteps(getattr(model.config, "timestep_scale", 1.0))
+        batches = []
+        for i in range(xs.shape[0]):
+            x = jnp.concatenate([xs[i], xs[i]]) if g > 1 else xs[i]
+            batches.append(dict(hidden_states=x.astype(ctx.dtype), encoder_hidden_states=ctx,
+                                timestep=jnp.full((x.shape[0],), t[i], jnp.float32),
+                                encoder_attention_mask=cmask))
+        return batches
 
     def decode(self, latents: jax.Array) -> np.ndarray:
         """latents `(b, 32, h, w)` -> images `(b, 32h, 32w, 3)` in [0, 1] (VaeImageProcessor)."""
@@ -109,6 +138,20 @@ class SanaTextToImage:
         return dataclasses.replace(self, transformer=transformer, quant_config=quant_config,
                                    report=report)
 
+    def save_parts(self, folder: Path) -> None:
+        """Everything but the transformer (which `pqjax.save` writes), for `load_parts`."""
+        settings = {name: getattr(self, name) for name in SETTINGS}
+        save_lm_parts(folder, self.text_encoder, self.tokenizer, self.vae,
+                      {**settings, "scheduler_config": self.scheduler_config})
+
+    @classmethod
+    def load_parts(cls, folder: Path, transformer: Any, **fields: Any) -> SanaTextToImage:
+        """The pipeline `save_parts` wrote, around a restored `transformer`."""
+        text_encoder, tokenizer, vae, settings = load_lm_parts(folder)
+        return cls(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
+                   vae=vae, scheduler_config=settings.pop("scheduler_config"),
+                   **{k: settings[k] for k in SETTINGS}, **fields)
+
 
 def load_sana(root: Path, dtype: Any = jnp.float32, *,
               allow_pickle: bool = False) -> SanaTextToImage:
@@ -121,12 +164,18 @@ def load_sana(root: Path, dtype: Any = jnp.float32, *,
         SanaSchedule.from_config(config, DEFAULT_STEPS)  # refuse a scheduler we cannot run now
     except ValueError as e:
         raise ValueError(f"{sched_path}: {e}") from e
+    transformer = convert.load_transformer(root, dtype=dtype, allow_pickle=allow_pickle)
+    vae = convert.load_model(root / "vae", dtype=dtype, allow_pickle=allow_pickle)
+    # SanaPipeline's default size: the transformer's sample_size in latents (1024 px for 1.5).
+    size = int(transformer.config.sample_size) * vae.config.spatial_compression
     return SanaTextToImage(
-        transformer=convert.load_transformer(root, dtype=dtype, allow_pickle=allow_pickle),
+        transformer=transformer,
         text_encoder=convert.load_model(root / "text_encoder", dtype=dtype,
                                         allow_pickle=allow_pickle),
         tokenizer=LMTokenizer.load(root / "tokenizer"),
-        vae=convert.load_model(root / "vae", dtype=dtype, allow_pickle=allow_pickle),
+        vae=vae,
         scheduler_config=config,
+        height=size,
+        width=size,
         source=str(root),
     )

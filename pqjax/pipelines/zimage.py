@@ -13,6 +13,7 @@ pass them in).
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +34,8 @@ def zimage_schedule(sched: FlowMatchEuler, num_steps: int = DEFAULT_STEPS,
     return sigmas, ((np.float32(1000) - t) / np.float32(1000)).astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _sample(graphdef, state, latents, sigmas, timesteps, caps, cap_lens):
+@functools.partial(jax.jit, static_argnames=("graphdef", "trajectory"))
+def _sample(graphdef, state, latents, sigmas, timesteps, caps, cap_lens, trajectory=False):
     model = nnx.merge(graphdef, state)
 
     def step(i, x):
@@ -43,14 +44,18 @@ def _sample(graphdef, state, latents, sigmas, timesteps, caps, cap_lens):
         v = -out.astype(jnp.float32)
         return x + (sigmas[i + 1] - sigmas[i]) * v
 
-    return jax.lax.fori_loop(0, timesteps.shape[0], step, latents.astype(jnp.float32))
+    x = latents.astype(jnp.float32)
+    if trajectory:  # also the sample before every step (the transformer's inputs)
+        return jax.lax.scan(lambda x, i: (step(i, x), x), x, jnp.arange(timesteps.shape[0]))
+    return jax.lax.fori_loop(0, timesteps.shape[0], step, x)
 
 
 def zimage_sample(model: nnx.Module, latents: jax.Array, schedule: tuple[np.ndarray, np.ndarray],
-                  caps: jax.Array, cap_lens: jax.Array) -> jax.Array:
+                  caps: jax.Array, cap_lens: jax.Array, *, trajectory: bool = False) -> Any:
     """Denoise `latents (b, c, h, w)` with caption features `caps (b, L, cap_dim)` (lengths
-    `cap_lens (b,)`); returns the final latents `(b, c, h, w)` float32."""
+    `cap_lens (b,)`); returns the final latents `(b, c, h, w)` float32 (with `trajectory`: and
+    the latents before every step, `(n, b, c, h, w)`)."""
     sigmas, timesteps = schedule
     graphdef, state = nnx.split(model)
     return _sample(graphdef, state, latents, jnp.asarray(sigmas), jnp.asarray(timesteps), caps,
-                   jnp.asarray(cap_lens))
+                   jnp.asarray(cap_lens), trajectory=trajectory)

@@ -26,10 +26,12 @@ from pqjax.models.lm_prompts import ZIMAGE_MAX_SEQUENCE_LENGTH, zimage_encode_pr
 from pqjax.models.lm_tokenizer import LMTokenizer
 from pqjax.models.qwen3 import Qwen3Model
 from pqjax.models.vae import AutoencoderKL, latents_to_vae
-from pqjax.pipelines.components import read_json_object
+from pqjax.pipelines.components import load_lm_parts, read_json_object, save_lm_parts
 from pqjax.pipelines.flow import FlowMatchEuler
 from pqjax.pipelines.zimage import DEFAULT_STEPS, zimage_sample, zimage_schedule
 
+# Sampling settings a checkpoint keeps (the schedule is kept beside them).
+SETTINGS = ("num_steps", "guidance", "height", "width", "max_sequence_length")
 
 @dataclasses.dataclass
 class ZImageTextToImage:
@@ -61,11 +63,7 @@ class ZImageTextToImage:
         key = jax.random.key(seed)
         return jnp.stack([jax.random.normal(jax.random.fold_in(key, i), shape) for i in range(n)])
 
-    def sample_latents(self, prompts: str | Sequence[str], *, seed: int = 0,
-                       num_steps: int | None = None, guidance: float | None = None,
-                       height: int | None = None, width: int | None = None,
-                       latents: jax.Array | None = None) -> jax.Array:
-        """Final latents `(b, 16, H/8, W/8)` float32, before decoding."""
+    def _prepare(self, prompts, seed, num_steps, guidance, height, width, latents):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         g = self.guidance if guidance is None else float(guidance)
         if not np.isfinite(g) or g > 1.0:
@@ -89,7 +87,33 @@ class ZImageTextToImage:
             else jnp.asarray(latents, jnp.float32)
         seq = (noise.shape[2] // 2) * (noise.shape[3] // 2)
         schedule = zimage_schedule(self.scheduler, steps, image_seq_len=seq)
-        return zimage_sample(self.transformer, noise, schedule, caps, jnp.asarray(lengths))
+        return self.transformer, noise, schedule, caps, jnp.asarray(lengths)
+
+    def sample_latents(self, prompts: str | Sequence[str], *, seed: int = 0,
+                       num_steps: int | None = None, guidance: float | None = None,
+                       height: int | None = None, width: int | None = None,
+                       latents: jax.Array | None = None) -> jax.Array:
+        """Final latents `(b, 16, H/8, W/8)` float32, before decoding."""
+        return zimage_sample(*self._prepare(prompts, seed, num_steps, guidance, height, width,
+                                            latents))
+
+    def calibration_batches(self, prompts: Sequence[str], *, seed: int = 0,
+                            num_steps: int | None = None, guidance: float | None = None,
+                            height: int | None = None, width: int | None = None
+                            ) -> list[dict[str, jax.Array]]:
+        """`forward_batch` inputs along the sampling trajectory of `prompts`, one per step."""
+        args = self._prepare(prompts, seed, num_steps, guidance, height, width, None)
+        _, xs = zimage_sample(*args, trajectory=True)
+        caps, lengths = args[3], args[4]
+        timesteps = args[2][1]
+        return [dict(latents=xs[i][:, :, None].astype(caps.dtype),
+                     timestep=jnp.full((xs.shape[1],), timesteps[i], jnp.float32),
+                     cap_feats=caps, cap_lens=lengths) for i in range(xs.shape[0])]
+
+    @staticmethod
+    def calibration_forward(model: Any, **batch: jax.Array) -> jax.Array:
+        """How `calibrate` runs the transformer on one of `calibration_batches`."""
+        return model.forward_batch(**batch)
 
     def decode(self, latents: jax.Array) -> np.ndarray:
         """latents `(b, 16, h, w)` -> images `(b, 8h, 8w, 3)` in [0, 1] (VaeImageProcessor)."""
@@ -106,6 +130,20 @@ class ZImageTextToImage:
                          report: Any = None) -> ZImageTextToImage:
         return dataclasses.replace(self, transformer=transformer, quant_config=quant_config,
                                    report=report)
+
+    def save_parts(self, folder: Path) -> None:
+        """Everything but the transformer (which `pqjax.save` writes), for `load_parts`."""
+        settings = {name: getattr(self, name) for name in SETTINGS}
+        save_lm_parts(folder, self.text_encoder, self.tokenizer, self.vae,
+                      {**settings, "scheduler": dataclasses.asdict(self.scheduler)})
+
+    @classmethod
+    def load_parts(cls, folder: Path, transformer: Any, **fields: Any) -> ZImageTextToImage:
+        """The pipeline `save_parts` wrote, around a restored `transformer`."""
+        text_encoder, tokenizer, vae, settings = load_lm_parts(folder)
+        return cls(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
+                   vae=vae, scheduler=FlowMatchEuler(**settings.pop("scheduler")),
+                   **{k: settings[k] for k in SETTINGS}, **fields)
 
 
 def load_zimage(root: Path, dtype: Any = jnp.float32, *,

@@ -37,12 +37,17 @@ def _random(module, std=0.2):
     return module
 
 
-def tiny_sana(root):
+# Widths that NVFP4's 16-channel groups divide (attention 2 x 16, Mix-FFN hidden 2.5 x 32).
+SANA_QUANTIZABLE = dataclasses.replace(TINY_QK, attention_head_dim=16, cross_attention_dim=32,
+                                       num_cross_attention_heads=2, cross_attention_head_dim=16)
+
+
+def tiny_sana(root, transformer_config=TINY_QK):
     vocab = write_gemma_tokenizer(root / "tok")
     torch.manual_seed(0)
     gemma = _random(transformers.Gemma2Model(transformers.Gemma2Config(
         vocab_size=vocab, sliding_window=64, query_pre_attn_scalar=8, **LM)))
-    cfg = dataclasses.replace(TINY_QK, caption_channels=32, sample_size=8)
+    cfg = dataclasses.replace(transformer_config, caption_channels=32, sample_size=8)
     transformer = _random(diffusers.SanaTransformer2DModel(**dataclasses.asdict(cfg)))
     vae = _random(diffusers.AutoencoderDC(
         in_channels=3, latent_channels=4, attention_head_dim=4,
@@ -108,3 +113,53 @@ def test_zimage_pipeline_matches_diffusers(tmp_path):
         pipe.generate(PROMPTS[:1], height=16, width=12, guidance=5.0)
     with pytest.raises(ValueError, match="height must be a positive multiple of 4"):
         pipe.generate(PROMPTS[:1], height=10, width=12)
+
+
+def _check_quantized(qpipe, pipe, prompts, **kw):
+    """Every quantizable Linear became a QuantLinear with a report row, and the images stay
+    close to full precision (a tiny random model keeps a rough likeness at W4A4)."""
+    from flax import nnx
+
+    from pqjax.layers import QuantLinear
+
+    assert qpipe.report is not None and qpipe.quant_config is not None
+    quantized = [p for p, m in nnx.iter_graph(qpipe.transformer) if isinstance(m, QuantLinear)]
+    assert quantized and len(qpipe.report.layers) == len(quantized)
+    fp, q = pipe.generate(prompts, **kw), qpipe.generate(prompts, **kw)
+    assert np.isfinite(q).all() and q.shape == fp.shape
+    err = np.sqrt(np.mean((q - fp) ** 2))
+    assert 0 < err < 0.25, err  # changed by quantization, yet far from noise (std ~0.3)
+    return q
+
+
+def _round_trip(qpipe, images, prompts, tmp_path, **kw):
+    """save -> restore -> generate: the same images, bit for bit (the same computation)."""
+    out = pqjax.save(qpipe, tmp_path / "ckpt")
+    back = pqjax.restore(out)
+    assert type(back) is type(qpipe) and back.quant_config == qpipe.quant_config
+    np.testing.assert_array_equal(back.generate(prompts, **kw), images)
+
+
+def test_sana_convert_and_quantize(tmp_path):
+    tiny_sana(tmp_path, SANA_QUANTIZABLE)
+    folder = tmp_path / "sana"
+    pipe = pqjax.load_pipeline(folder)
+    assert (pipe.height, pipe.width) == (32, 32)  # sample_size 8 x the DC-AE's factor 4
+    batches = pipe.calibration_batches(PROMPTS[:2], num_steps=2)
+    assert len(batches) == 2 and batches[0]["hidden_states"].shape == (4, 4, 8, 8)  # CFG: 2 x 2
+    qpipe = pqjax.convert_and_quantize(folder, pqjax.QuantConfig(), PROMPTS[:2], calib_steps=2,
+                                       progress=False)
+    images = _check_quantized(qpipe, pipe, PROMPTS[2:], num_steps=2)
+    _round_trip(qpipe, images, PROMPTS[2:], tmp_path, num_steps=2)
+
+
+def test_zimage_quantize_on_its_trajectories(tmp_path):
+    from pqjax.api import calibrate_pipeline, quantize_pipeline
+
+    tiny_zimage(tmp_path)
+    pipe = pqjax.load_pipeline(tmp_path / "zimage")
+    kw = dict(num_steps=2, height=16, width=16)
+    calib = calibrate_pipeline(pipe, PROMPTS[:2], progress=False, **kw)
+    qpipe = quantize_pipeline(pipe, calib, pqjax.QuantConfig())
+    images = _check_quantized(qpipe, pipe, PROMPTS[2:], **kw)
+    _round_trip(qpipe, images, PROMPTS[2:], tmp_path, **kw)
