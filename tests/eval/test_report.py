@@ -102,7 +102,7 @@ def test_comparison_reuses_the_quantized_run_and_states_its_image_count(run):
 class _Page(HTMLParser):
     """Collects ids, URLs and tag balance of a page."""
 
-    VOID = {"meta", "img", "br", "hr", "link", "input", "source", "wbr"}
+    VOID = frozenset({"meta", "img", "br", "hr", "link", "input", "source", "wbr"})
 
     def __init__(self):
         super().__init__()
