@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flax import nnx
 
+from pqjax.eval.plots import block_of
 from pqjax.layers import QuantLinear, QuantState
 from pqjax.models.conv import Conv2d
 from pqjax.models.layers import Linear
@@ -76,13 +77,34 @@ def versions() -> dict[str, str]:
 
 
 def model_order(model: nnx.Module) -> dict[str, int]:
-    """Dotted path -> position in the module tree of every Linear / QuantLinear of `model`."""
-    paths = (
+    """Dotted path -> display position of every Linear / QuantLinear of `model`: blocks in
+    the order the model's permutation sites declare them (execution order: FLUX's double
+    blocks before its single blocks), layers within a block in site order; layers outside
+    every site (embedders) first. Module-tree order when the model declares no sites."""
+    from pqjax import permute
+
+    paths = [
         ".".join(str(p) for p in path)
         for path, node in nnx.iter_graph(model)
         if isinstance(node, (Linear, QuantLinear))
-    )
-    return {p: i for i, p in enumerate(paths)}
+    ]
+    try:
+        consumers = [c for site in permute.sites(model) for c in site.consumers]
+    except (TypeError, AttributeError):  # no sites declared for this model
+        return {p: i for i, p in enumerate(paths)}
+    block_rank: dict[str, int] = {}
+    rank: dict[str, int] = {}
+    for c in consumers:
+        block_rank.setdefault(block_of(c), len(block_rank))
+        rank.setdefault(c, len(rank))
+
+    def key(item: tuple[int, str]) -> tuple[int, int, int]:
+        i, p = item
+        b = block_rank.get(block_of(p), -1)
+        return (b, rank.get(p, -1) if b >= 0 else i, i)
+
+    ordered = sorted(enumerate(paths), key=key)
+    return {p: k for k, (_, p) in enumerate(ordered)}
 
 
 def channel_stats(

@@ -176,7 +176,8 @@ def _worst(rep: Any, n: int = 20) -> str:
     for r in rows[:n]:
         ratio = r["err"] / r["err_rtn"] if r.get("err_rtn") else math.nan
         bar = f'<span class="bar" style="width:{80 * r["err"] / top:.0f}px"></span>'
-        cells.append([_e(r["layer"]), _e(plots.block_of(r["layer"])), _e(r.get("site") or "–"),
+        cells.append([_e(r["layer"]), _e(plots._short(plots.block_of(r["layer"]))),
+                      _e(r.get("site") or "–"),
                       _num(r.get("err_rtn", math.nan)), f'{_num(r["err"])} {bar}',
                       _num(ratio, ".3f"), "yes" if r.get("accepted") else "no"])
     head = ["layer", "block", "site", "RTN error", "error", "error / RTN", "order accepted"]

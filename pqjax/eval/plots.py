@@ -105,6 +105,16 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _plain_log_ticks(axis) -> None:
+    """Log-axis tick labels as plain numbers (0.6, 2, 30) instead of 6x10^-1."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    fmt = FuncFormatter(lambda v, _: f"{v:g}")
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(fmt)
+    axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+
+
 def figure_png(fig, dpi: int = 110) -> bytes:
     import io
 
@@ -161,13 +171,14 @@ def layer_ratio_plot(layers: Sequence[dict[str, Any]], method: str, baseline: st
                label="order rejected / no site (RTN)", zorder=2)
     ax.scatter(x[acc], ratio[acc], s=size, color="#1f77b4", label="accepted site", zorder=3)
     ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
     ax.set_xlim(-1, max(len(rows), 1))
     ax.set_ylabel(f"error / {baseline} error")
-    ax.set_xlabel("layer, in model order (shaded bands: alternate blocks)")
+    ax.set_xlabel("layer, in model order (blocks in execution order; shaded bands alternate)")
     ax.set_title(f"{method}: per-layer output error relative to {baseline} (below 1 = better)",
-                 pad=28)
+                 pad=30, loc="left", fontsize=10)
     ax.grid(axis="y", which="both", alpha=0.25)
-    ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
+    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.07), ncol=2, fontsize=8, frameon=False)
     return figure_png(fig)
 
 
@@ -194,11 +205,13 @@ def channel_range_plot(absmax: np.ndarray, perm: np.ndarray, group: int, title: 
     ax.bar(x + w / 2, after, w, color="#1f77b4",
            label=f"permuted (median {np.median(after):.1f}x)")
     ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
     ax.set_xlabel(f"group of {group} channels")
     ax.set_ylabel("max / min channel |x|")
-    ax.set_title(title, fontsize=9)
+    ax.set_ylim(bottom=1.0)  # max / min >= 1 by definition
+    ax.set_title(title, fontsize=9, loc="left", pad=22)
     if len(x) <= 24:
         ax.set_xticks(x)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False)
     ax.grid(axis="y", which="both", alpha=0.25)
     return figure_png(fig)
