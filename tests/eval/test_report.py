@@ -178,6 +178,9 @@ def test_layers_are_reported_in_model_order(run):
     order = model_order(run["fp"].transformer)
     idx = [order[r["layer"]] for r in rep.layers]
     assert idx == sorted(idx)
+    names = [r["layer"] for r in rep.layers]  # execution order: double blocks, then single
+    assert max(i for i, n in enumerate(names) if n.startswith("transformer_blocks.")) < min(
+        i for i, n in enumerate(names) if n.startswith("single_transformer_blocks."))
 
 
 def test_group_ranges_before_and_after_a_permutation():
