@@ -116,11 +116,12 @@ def search_sites(
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """PermuQuant's search at every site with a quantized consumer.
 
-    Returns (perms, site report, layer report); layer errors are on calibration rows with
-    the accepted order (identity when rejected), so err <= the identity's error (under
-    `baseline_key`) by construction. site_list: the sites to search (default: all of
-    `model`'s). rotate_for: a site's online input transform (`pqjax.rotate` name), applied
-    after the permutation in every error evaluation and recorded as "transform".
+    Returns (perms, site report, layer report); layer errors are on each layer's own
+    calibration rows (see `_own_row_errors`) with the accepted order (identity when
+    rejected), so err <= the identity's error (under `baseline_key`) by construction.
+    site_list: the sites to search (default: all of `model`'s). rotate_for: a site's online
+    input transform (`pqjax.rotate` name), applied after the permutation in every error
+    evaluation and recorded as "transform".
     """
     wfmt, afmt = config.weight_format(), config.act_format()
     wanted = set(targets)
@@ -208,8 +209,8 @@ def _own_row_errors(
         err_perm[c] = permute.layer_errors(
             rows, [kernel], res.candidate_perm, wfmt, afmt, rotate
         )[0]
-    first = np.asarray(calib[site.consumers[0]].rows) if site.consumers[0] in calib else None
-    shared = first is not None and all(
+    first = np.asarray(calib[own[0]].rows)  # search_sites searched on the first consumer's
+    shared = own[0] == site.consumers[0] and all(
         np.array_equal(np.asarray(calib[c].rows), first) for c in own
     )
     no_worse = all(err_perm[c] <= err_id[c] for c in own)
