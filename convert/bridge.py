@@ -10,6 +10,7 @@ shape mismatches are found by comparing it with the checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -86,23 +87,26 @@ def load_params(
     *,
     dtype: Any,
     where: Callable[[str], str],
+    shape_of: Callable[[str], tuple[int, ...]] | None = None,
 ) -> nnx.Module:
     """Fill `model`'s parameters from a checkpoint, one tensor at a time.
 
     model: usually abstract (`nnx.eval_shape`); returned concrete. read(key) -> array in its
-    stored dtype; where(key) names the file for error messages. Each tensor is converted to
-    `dtype` and moved into the model before the next is read.
+    stored dtype; where(key) names the file for error messages; shape_of(key), when given, the
+    stored shape without reading. Missing and unexpected keys (and, with shape_of, every shape)
+    are checked before any tensor is read. Each tensor is converted to `dtype` and moved into
+    the model before the next is read. float64 weights are cast with a warning per file.
     """
     refs = param_map(model)
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
-    unexpected: list[str] = []
-    seen: set[str] = set()
+    keys = list(keys)
+    _check_keys(refs, keys, where)
+    if shape_of is not None:
+        _check_shapes(refs, flat, keys, shape_of, where)
+    warned: set[str] = set()
     for key in keys:
-        ref = refs.get(key)
-        if ref is None:
-            unexpected.append(key)
-            continue
+        ref = refs[key]
         var = flat[ref.path]
         expected = tuple(var.get_value().shape)
         raw = read(key)
@@ -113,10 +117,17 @@ def load_params(
         if arr.shape != expected:
             raise CheckpointError(
                 f"{where(key)}: key {key!r} has shape {list(raw.shape)}, the model expects "
-                f"{list(_TO_TORCH[ref.layout](np.empty(expected, np.uint8)).shape)} (torch layout)"
+                f"{list(_TO_TORCH[ref.layout](_probe(expected)).shape)} (torch layout)"
             )
         if arr.dtype.kind not in "fV":  # ml_dtypes floats (bf16, fp8) have kind "V"
             raise CheckpointError(f"{where(key)}: key {key!r} has non-float dtype {arr.dtype}")
+        if arr.dtype == np.float64 and np.dtype(dtype) != arr.dtype and where(key) not in warned:
+            warned.add(where(key))
+            warnings.warn(
+                f"{where(key)}: float64 weights (first: {key!r}) are cast to "
+                f"{np.dtype(dtype).name}; digits beyond that precision are dropped",
+                UserWarning, stacklevel=2,
+            )
         # Cast on the host (a device-side cast compiles one convert per shape) and hand XLA a
         # contiguous buffer: jnp.asarray of a transposed view makes an extra copy.
         if not (arr.flags.c_contiguous and arr.dtype == np.dtype(dtype)):
@@ -125,8 +136,17 @@ def load_params(
             arr = out
         var.set_value(jax.device_put(arr))
         del raw, arr
-        seen.add(key)
-    missing = sorted(set(refs) - seen)
+    return nnx.merge(graphdef, state)
+
+
+def _probe(shape: tuple[int, ...]) -> np.ndarray:
+    """An array of `shape` that takes no memory, to see what a layout change does to a shape."""
+    return np.broadcast_to(np.empty((), np.uint8), shape)
+
+
+def _check_keys(refs: dict[str, ParamRef], keys: list[str], where: Callable[[str], str]) -> None:
+    missing = sorted(set(refs) - set(keys))
+    unexpected = [k for k in keys if k not in refs]
     if missing or unexpected:
         parts = []
         if missing:
@@ -137,7 +157,28 @@ def load_params(
                 + _few([f"{k} (in {where(k)})" for k in sorted(unexpected)])
             )
         raise CheckpointError("checkpoint does not match the model config: " + "; ".join(parts))
-    return nnx.merge(graphdef, state)
+
+
+def _check_shapes(refs: dict[str, ParamRef], flat: dict, keys: list[str],
+                  shape_of: Callable[[str], tuple[int, ...]],
+                  where: Callable[[str], str]) -> None:
+    """Every stored shape against the model's, from the headers alone (nothing is read)."""
+    bad = []
+    for key in keys:
+        ref = refs[key]
+        expected = tuple(flat[ref.path].get_value().shape)
+        stored = tuple(shape_of(key))
+        try:
+            got = _TO_FLAX[ref.layout](_probe(stored)).shape
+        except ValueError:
+            got = stored
+        if tuple(got) != expected:
+            torch_shape = list(_TO_TORCH[ref.layout](_probe(expected)).shape)
+            bad.append(f"{where(key)}: key {key!r} has shape {list(stored)}, the model expects "
+                       f"{torch_shape} (torch layout)")
+    if bad:
+        more = f" (+{len(bad) - 1} more tensors of the wrong shape)" if len(bad) > 1 else ""
+        raise CheckpointError(bad[0] + more)
 
 
 def _few(items: list[str], n: int = 8) -> str:
@@ -161,6 +202,6 @@ def export_arrays(
         ref = refs[key]
         value = jax.device_get(flat[ref.path].get_value())
         out = _TO_TORCH[ref.layout](np.asarray(value))
-        return np.ascontiguousarray(out.astype(dtype or out.dtype))
+        return out.astype(dtype or out.dtype, order="C")  # a copy; 0-d stays 0-d
 
     return specs, get

@@ -1,7 +1,6 @@
-"""Load a diffusers / transformers component folder into an NNX model; export one back.
+"""Load a diffusers / transformers component folder into an NNX model (export: convert.export).
 
 model = load_transformer("flux-dev", dtype=jnp.bfloat16)   # or a local path
-export_transformer(model, "out/transformer")               # diffusers can load it
 """
 
 from __future__ import annotations
@@ -17,7 +16,8 @@ from flax import nnx
 
 from convert import bridge, registry
 from convert.resolve import resolve
-from convert.safetensors_io import Checkpoint, CheckpointError, TensorSpec, write_safetensors
+from convert.safetensors_io import Checkpoint, CheckpointError
+from pqjax.models.configs import ConfigError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
@@ -26,6 +26,7 @@ class WeightSource(Protocol):
     def keys(self) -> list[str]: ...
     def read(self, key: str) -> np.ndarray: ...
     def file_of(self, key: str) -> Path: ...
+    def shape(self, key: str) -> tuple[int, ...]: ...
 
 
 def open_weights(folder: Path, weights_name: str, *, allow_pickle: bool = False) -> WeightSource:
@@ -49,8 +50,8 @@ def open_weights(folder: Path, weights_name: str, *, allow_pickle: bool = False)
         if not allow_pickle:
             raise CheckpointError(
                 f"{folder}: only pickled weights ({', '.join(p.name for p in pickles)}). Pickles "
-                "can run code when loaded; pass allow_pickle=True to load them with torch's "
-                "weights_only=True, or convert them to safetensors first."
+                "can run code when loaded; pass allow_pickle=True (CLI: --allow-pickle) to load "
+                "them with torch's weights_only=True, or convert them to safetensors first."
             )
         from convert.pickled import PickledCheckpoint
 
@@ -61,19 +62,62 @@ def open_weights(folder: Path, weights_name: str, *, allow_pickle: bool = False)
 def read_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     try:
-        return json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: missing") from e
-    except json.JSONDecodeError as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(
+            f"{path}: a config must be a JSON object of fields, got a {type(raw).__name__}"
+        )
+    return raw
 
 
 def class_name_of(raw: dict[str, Any], source: str) -> str:
     if "_class_name" in raw:
-        return raw["_class_name"]
-    if raw.get("architectures"):
-        return raw["architectures"][0]
-    raise CheckpointError(f"{source}: no _class_name or architectures field")
+        name = raw["_class_name"]
+    elif "architectures" in raw:
+        archs = raw["architectures"]
+        name = archs[0] if isinstance(archs, list) and archs else archs
+    else:
+        raise CheckpointError(f"{source}: no _class_name or architectures field")
+    if not isinstance(name, str):
+        raise CheckpointError(
+            f"{source}: the model class (_class_name, or architectures[0]) must be a string, "
+            f"got {name!r}"
+        )
+    return name
+
+
+def check_block_counts(spec: registry.ModelSpec, config: Any, keys: list[str],
+                       source: str) -> None:
+    """The config's layer counts against the numbered blocks among the (model) keys.
+
+    Runs before the model is built: a count that does not match the checkpoint fails at once
+    with the field and both numbers, instead of after building every abstract block.
+    """
+    for prefix, field in spec.block_counts:
+        value = getattr(config, field)
+        want = value if isinstance(value, int) else len(value)
+        head = prefix + "."
+        found = {k[len(head):].split(".", 1)[0] for k in keys if k.startswith(head)}
+        indices = sorted(int(i) for i in found if i.isdigit())
+        have = indices[-1] + 1 if indices else 0
+        if have != want:
+            raise ConfigError(
+                f"{source}: {field} = {value!r} means {want} blocks under {prefix!r}, but the "
+                f"checkpoint has {have} ({prefix}.0 .. {prefix}.{have - 1})"
+                if have else
+                f"{source}: {field} = {value!r} means {want} blocks under {prefix!r}, but the "
+                f"checkpoint has none"
+            )
+        if indices != list(range(have)):
+            gaps = sorted(set(range(have)) - set(indices))
+            raise CheckpointError(
+                f"{source}: the checkpoint's blocks under {prefix!r} are not numbered 0..{have - 1}"
+                f" (missing {gaps[:8]})"
+            )
 
 
 def load_model(
@@ -86,14 +130,16 @@ def load_model(
     spec = registry.spec_for_class_name(class_name_of(raw, source), source)
     config = spec.parse(raw, source)
     weights = open_weights(folder, spec.weights_name, allow_pickle=allow_pickle)
-    model = nnx.eval_shape(lambda: spec.module(config, dtype=dtype, rngs=nnx.Rngs(0)))
     origin = _model_keys(weights.keys(), spec)
+    check_block_counts(spec, config, list(origin), source)
+    model = nnx.eval_shape(lambda: spec.module(config, dtype=dtype, rngs=nnx.Rngs(0)))
     return bridge.load_params(
         model,
         lambda k: weights.read(origin[k]),
         list(origin),
         dtype=dtype,
         where=lambda k: str(weights.file_of(origin.get(k, k))),
+        shape_of=lambda k: weights.shape(origin[k]),
     )
 
 
@@ -104,7 +150,8 @@ def load_submodule(module: nnx.Module, prefix: str, weights: WeightSource, *,
     head = prefix + "."
     keys = [k[len(head):] for k in weights.keys() if k.startswith(head)]
     return bridge.load_params(module, lambda k: weights.read(head + k), keys, dtype=dtype,
-                              where=lambda k: str(weights.file_of(head + k)))
+                              where=lambda k: str(weights.file_of(head + k)),
+                              shape_of=lambda k: weights.shape(head + k))
 
 
 def _model_keys(keys: list[str], spec: registry.ModelSpec) -> dict[str, str]:
@@ -132,58 +179,3 @@ def load_transformer(
 ) -> nnx.Module:
     """The NNX transformer of a diffusers model folder, HF cache entry or short name."""
     return load_model(resolve(path_or_name, subfolder), dtype=dtype, allow_pickle=allow_pickle)
-
-
-def export_model(
-    model: nnx.Module,
-    out_dir: str | os.PathLike,
-    *,
-    dtype: Any | None = None,
-    max_shard_bytes: int | None = None,
-) -> Path:
-    """Write `config.json` and safetensors (sharded above `max_shard_bytes`) in torch layout."""
-    spec = registry.spec_for_model(model)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    specs, get = bridge.export_arrays(model, None if dtype is None else np.dtype(dtype))
-    tensors = [TensorSpec(k, s, d) for k, s, d in specs]
-    shards = _shard(tensors, max_shard_bytes)
-    name = spec.weights_name
-    if len(shards) == 1:
-        write_safetensors(out / f"{name}.safetensors", shards[0], get)
-    else:
-        weight_map, total = {}, 0
-        for i, shard in enumerate(shards, 1):
-            fname = f"{name}-{i:05d}-of-{len(shards):05d}.safetensors"
-            total += write_safetensors(out / fname, shard, get)
-            weight_map.update({t.key: fname for t in shard})
-        _write_json(
-            out / f"{name}.safetensors.index.json",
-            {"metadata": {"total_size": total}, "weight_map": weight_map},
-        )
-    _write_json(out / "config.json", spec.dump(model.config))
-    return out
-
-
-export_transformer = export_model
-
-
-def _shard(tensors: list[TensorSpec], max_bytes: int | None) -> list[list[TensorSpec]]:
-    if not max_bytes:
-        return [tensors]
-    shards: list[list[TensorSpec]] = [[]]
-    size = 0
-    for t in tensors:
-        nbytes = int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += nbytes
-    return shards
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)

@@ -6,6 +6,7 @@ else in the loading path.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import ml_dtypes
@@ -38,10 +39,16 @@ class PickledCheckpoint:
         self._tensors: dict[str, object] = {}
         self._file: dict[str, Path] = {}
         for path in files:
+            # mmap (tensors paged in on read) needs the zip format of torch >= 1.6; files from
+            # the legacy `_use_new_zipfile_serialization=False` writer load into memory.
+            mmap = zipfile.is_zipfile(path)
             try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
             except Exception as e:  # torch raises many types for bad pickles
-                raise CheckpointError(f"{path}: cannot load with weights_only=True: {e}") from e
+                raise CheckpointError(
+                    f"{path}: cannot load as a {'zip' if mmap else 'legacy (non-zip)'} torch "
+                    f"checkpoint with weights_only=True: {e}"
+                ) from e
             if not isinstance(state, dict):
                 raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
             for key, value in state.items():
@@ -56,3 +63,6 @@ class PickledCheckpoint:
 
     def file_of(self, key: str) -> Path:
         return self._file[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(getattr(self._tensors[key], "shape", ()))

@@ -33,6 +33,11 @@ class ModelSpec:
     # All checkpoint keys -> {checkpoint key: model key, or None to skip} for keys that differ
     # (older or newer naming of the same weights).
     map_keys: Callable[[list[str]], dict[str, str | None]] | None = None
+    # (model key prefix, config field): the number of numbered children under the prefix
+    # (`prefix.0.`, `prefix.1.`, ...) must equal the field (an int, or a list's length). Checked
+    # against the checkpoint's keys before the model is built, so a layer-count typo fails at
+    # once instead of after building thousands of abstract blocks.
+    block_counts: tuple[tuple[str, str], ...] = ()
 
     def parse(self, raw: dict[str, Any], source: str) -> Any:
         if self.read_config is not None:

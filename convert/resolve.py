@@ -1,6 +1,7 @@
 """Resolve a model name or path to a local folder. Never touches the network.
 
 Accepted:
+- the name of a model embedded in pqjax (`tiny-flux-digits`, under `pqjax/assets/`),
 - a diffusers pipeline root (has `model_index.json`; the component is a subfolder),
 - a component folder itself (has `config.json` and weights),
 - a Hugging Face repo id or short name (`flux-dev`), looked up in the local HF cache
@@ -10,8 +11,11 @@ Accepted:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+
+from pqjax.errors import MissingFileError
 
 SHORT_NAMES: dict[str, str] = {
     "flux-dev": "black-forest-labs/FLUX.1-dev",
@@ -20,11 +24,34 @@ SHORT_NAMES: dict[str, str] = {
     "z-image-turbo": "Tongyi-MAI/Z-Image-Turbo",
 }
 
+# Models shipped inside the pqjax package (pqjax/assets/<name>): a pipeline folder each.
+EMBEDDED_MODELS: tuple[str, ...] = ("tiny-flux-digits",)
+
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.pt", "*.pth")
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(MissingFileError):
     """A named model that is not on this machine; the message says where we looked."""
+
+
+def embedded_root(name: str) -> Path | None:
+    """The pipeline folder of an embedded model `name`, or None if `name` is not one.
+
+    Found through the import system's spec of `pqjax`, without importing it (convert sits
+    below pqjax's pipelines, which import convert).
+    """
+    if name not in EMBEDDED_MODELS:
+        return None
+    spec = importlib.util.find_spec("pqjax")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for base in locations:
+        root = Path(base) / "assets" / name
+        if (root / "model_index.json").is_file():
+            return root
+    raise ModelNotFoundError(
+        f"the embedded model {name!r} is missing from the pqjax package "
+        f"(looked in {[str(Path(b) / 'assets') for b in locations]}); reinstall pqjax"
+    )
 
 
 def hub_cache_dirs() -> list[Path]:
@@ -51,10 +78,19 @@ def _snapshot(cache: Path, repo_id: str) -> Path | None:
         return None
     ref = repo / "refs" / "main"
     if ref.is_file():
-        candidate = snapshots / ref.read_text().strip()
-        if candidate.is_dir():
-            return candidate
-    revs = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+        rev = ref.read_text().strip()
+        candidate = snapshots / rev
+        if not rev or "/" in rev or not candidate.is_dir():
+            raise ModelNotFoundError(
+                f"{ref} names revision {rev!r}, but {snapshots} has no such snapshot (a partial "
+                "or interrupted download?); download it again, or pass the snapshot folder"
+            )
+        return candidate
+    revs = sorted(
+        (p for p in snapshots.iterdir() if p.is_dir()),  # a stray file is no snapshot
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
     return revs[0] if revs else None
 
 
@@ -83,8 +119,16 @@ def _component(root: Path, subfolder: str | None, what: str) -> Path:
 
 def resolve(path_or_name: str | os.PathLike, subfolder: str | None = "transformer") -> Path:
     """Local folder of the component `subfolder` of `path_or_name` (see module docstring)."""
-    path = Path(path_or_name).expanduser()
+    if not str(path_or_name).strip():
+        raise ModelNotFoundError(
+            f"model name or path is empty ({str(path_or_name)!r}); pass a folder, a Hugging Face "
+            f"repo id or a short name ({sorted(SHORT_NAMES)}); '.' for the current folder"
+        )
     what = subfolder or "model"
+    embedded = embedded_root(str(path_or_name))
+    if embedded is not None:
+        return _component(embedded, subfolder, what)
+    path = Path(path_or_name).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelNotFoundError(f"{path} is a file; pass the model folder that holds it")
@@ -100,9 +144,11 @@ def resolve(path_or_name: str | os.PathLike, subfolder: str | None = "transforme
                 return _component(snap, subfolder, what)
     hint = (
         f"Download it first, e.g. `hf download {repo_id}` (or `huggingface-cli download "
-        f"{repo_id}`), or pass the local folder. Short names: {sorted(SHORT_NAMES)}."
+        f"{repo_id}`), or pass the local folder. Short names: {sorted(SHORT_NAMES)}; "
+        f"embedded: {list(EMBEDDED_MODELS)}."
         if repo_id.count("/") == 1
-        else f"Known short names: {sorted(SHORT_NAMES)}; or pass a local folder or an org/name id."
+        else f"Known short names: {sorted(SHORT_NAMES)}; embedded: {list(EMBEDDED_MODELS)}; "
+        "or pass a local folder or an org/name id."
     )
     raise ModelNotFoundError(
         f"model {name!r} is not on this machine (pqjax never downloads). Looked in:\n  "

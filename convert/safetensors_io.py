@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import mmap
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import ml_dtypes
 import numpy as np
+
+from pqjax.errors import CheckpointError
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -38,11 +41,35 @@ DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
+_MAX_HEADER = 100_000_000  # the reference reader's limit
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read as it claims to be; the message names file and key."""
+def _is_size(v: object) -> bool:
+    """A JSON value that is a usize for the reference reader: an int >= 0 (bool is not)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_inside(index: Path, name: str) -> None:
+    """A shard name is a relative path inside the index's folder: no root, drive or `..`.
+
+    Checked on the name, not the resolved path: Hugging Face cache snapshots are symlinks into
+    `blobs/`, which is outside the folder and fine.
+    """
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if not name or name.startswith(("/", "\\")) or ":" in name or ".." in parts:
+        raise CheckpointError(
+            f"{index}: shard name {name!r} leaves the model folder {index.parent}; shard names "
+            "must be file names inside it"
+        )
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +83,13 @@ class TensorInfo:
 
 
 class SafetensorsFile:
-    """One `.safetensors` file: parses and validates the header; reads tensors on demand."""
+    """One `.safetensors` file: parses and validates the header; reads tensors on demand.
+
+    At least as strict as the reference reader: the header is UTF-8 JSON without duplicate keys,
+    every entry has a known dtype, a shape of non-negative ints and `data_offsets` that hold
+    exactly that many bytes, and the tensors tile the byte buffer with no gap, overlap or
+    trailing byte ("invalid offset", "file not fully covered").
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -75,33 +108,51 @@ class SafetensorsFile:
                     f"{self.path}: corrupted or truncated: header claims {n} bytes, file has {size}"
                 )
             try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_unique_keys)
+            except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
                 raise CheckpointError(f"{self.path}: corrupted header JSON: {e}") from e
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: corrupted header: not a JSON object")
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None)
+        metadata = {} if metadata is None else metadata
+        if not isinstance(metadata, dict) or not all(
+            isinstance(v, str) for v in metadata.values()
+        ):
+            raise CheckpointError(
+                f"{self.path}: corrupted header: __metadata__ must map strings to strings, "
+                f"got {metadata!r}"
+            )
+        self.metadata: dict[str, str] = metadata
         data_start = 8 + n
         self.tensors: dict[str, TensorInfo] = {}
         for key, entry in header.items():
             self.tensors[key] = self._info(key, entry, data_start, size)
+        self._check_coverage(data_start, size)
 
-    def _info(self, key: str, entry: dict, data_start: int, size: int) -> TensorInfo:
+    def _info(self, key: str, entry: object, data_start: int, size: int) -> TensorInfo:
         try:
-            dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(
                 f"{self.path}: key {key!r}: malformed header entry {entry!r}"
             ) from e
-        if dtype_name not in DTYPES:
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
             raise CheckpointError(
                 f"{self.path}: key {key!r}: unsupported dtype {dtype_name!r}; "
                 f"supported: {sorted(DTYPES)}"
             )
+        if not (isinstance(shape, list) and all(_is_size(s) for s in shape)):
+            raise CheckpointError(
+                f"{self.path}: key {key!r}: shape {shape!r} is not a list of non-negative ints"
+            )
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_size, offsets))):
+            raise CheckpointError(
+                f"{self.path}: key {key!r}: data_offsets {offsets!r} are not two non-negative ints"
+            )
         dtype = DTYPES[dtype_name]
-        shape = tuple(int(s) for s in shape)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if end - begin != nbytes or begin < 0:
+        begin, end = offsets
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != nbytes:
             raise CheckpointError(
                 f"{self.path}: key {key!r}: data_offsets {begin}..{end} do not hold "
                 f"{dtype_name} {list(shape)} ({nbytes} bytes)"
@@ -111,7 +162,24 @@ class SafetensorsFile:
                 f"{self.path}: truncated: key {key!r} ends at byte {data_start + end}, "
                 f"file has {size} bytes"
             )
-        return TensorInfo(key, dtype, shape, data_start + begin, data_start + end, self.path)
+        return TensorInfo(key, dtype, tuple(shape), data_start + begin, data_start + end, self.path)
+
+    def _check_coverage(self, data_start: int, size: int) -> None:
+        """The tensors, in offset order, must tile the buffer [data_start, size) exactly."""
+        pos = data_start
+        for info in sorted(self.tensors.values(), key=lambda i: (i.begin, i.end)):
+            if info.begin != pos:
+                raise CheckpointError(
+                    f"{self.path}: invalid offset for key {info.key!r}: its data starts at "
+                    f"buffer byte {info.begin - data_start}, the previous tensor ends at "
+                    f"{pos - data_start} (tensors overlap or leave a gap)"
+                )
+            pos = info.end
+        if pos != size:
+            raise CheckpointError(
+                f"{self.path}: file not fully covered: the tensors end at byte {pos}, the file "
+                f"has {size} bytes ({size - pos} trailing bytes)"
+            )
 
     def read(self, key: str) -> np.ndarray:
         """The tensor `key` as a fresh numpy array in its stored dtype."""
@@ -169,11 +237,20 @@ class Checkpoint:
     @classmethod
     def _open_index(cls, index: Path) -> Checkpoint:
         try:
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+            doc = json.loads(index.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise CheckpointError(
+                f"{index}: not a valid safetensors index: \"weight_map\" must map tensor keys "
+                f"to shard file names, got {type(weight_map).__name__}"
+            )
         shards = {}
         for name in sorted(set(weight_map.values())):
+            _check_inside(index, name)
             shard = index.parent / name
             if not shard.is_file():
                 raise CheckpointError(f"{index}: shard {name!r} is missing (looked for {shard})")
@@ -194,6 +271,9 @@ class Checkpoint:
 
     def file_of(self, key: str) -> Path:
         return self._where[key].path
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.info(key).shape
 
     def read(self, key: str) -> np.ndarray:
         return self._where[key].read(key)
@@ -240,18 +320,28 @@ def write_safetensors(
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # 8-byte alignment of the buffer, as the reference writer does
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for s in specs:
-            arr = np.ascontiguousarray(get(s.key))
-            if arr.shape != tuple(s.shape) or arr.dtype != np.dtype(s.dtype):
-                raise CheckpointError(
-                    f"{path}: key {s.key!r}: got {arr.dtype} {arr.shape}, declared "
-                    f"{np.dtype(s.dtype)} {tuple(s.shape)}"
-                )
-            f.write(arr.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for s in specs:
+                arr = _c_order(get(s.key))
+                if arr.shape != tuple(s.shape) or arr.dtype != np.dtype(s.dtype):
+                    raise CheckpointError(
+                        f"{path}: key {s.key!r}: got {arr.dtype} {arr.shape}, declared "
+                        f"{np.dtype(s.dtype)} {tuple(s.shape)}"
+                    )
+                f.write(arr.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a failed or interrupted write leaves neither file nor temporary
+        tmp.unlink(missing_ok=True)
+        raise
     return 8 + len(blob) + offset
+
+
+def _c_order(a: object) -> np.ndarray:
+    """`a` as a C-contiguous array of the same shape (np.ascontiguousarray makes 0-d arrays 1-d)."""
+    arr = np.asarray(a)
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")

@@ -1,24 +1,38 @@
 """Static block configurations of the kernels, chosen per shape by small tables.
 
-Source: reasoning, not yet measurement (no GPU was available when these were written; the
-numbers are to be replaced by the sweeps of `benchmarks/kernels_gpu.py` on H100 / H200 /
-RTX 5090). The reasoning, for an H100 SXM (132 SMs, 3.35 TB/s, ~50 MB L2):
+Sources. Each table row says where it comes from: "reasoning" (no GPU has run these kernels
+yet; the reasoning is below) or "compiled" (the row was changed after compiling the kernels
+for sm_80, sm_90a and sm_120 with no GPU: `benchmarks/compile_kernels.py`, results in
+benchmarks/results/kernels_compiled.md; tests/pallas_kernels/test_compiled.py holds every row
+to no spills and to each target's shared-memory limit, the widest norm row as a strict
+xfail). Timings are still to come from the sweeps of `benchmarks/kernels_gpu.py` on H100 /
+H200 / RTX 5090. The reasoning, for an H100 SXM (132 SMs, 3.35 TB/s, ~50 MB L2):
 
 Norm (`NormConfig`): a row is one register tile of Gp*H float32 values (4096 for d = 3072
 with group 16). 8 warps keep that at 16 values per thread; 4 warps suffice up to 1024 values,
 16 warps above 4096. `rows` tokens per program amortize the loads of the permutation (4 bytes
 per channel, twice the bytes of a bf16 row) and of the affine/modulation vectors, while
 B * T / rows programs (576 for FLUX's 4608 tokens at rows = 8) still fill every SM several
-times over.
+times over. Compiled: the rows up to 4096 elements run spill-free on the three targets as
+reasoned (114-174 registers). Wider rows (d > 4096 at group 16; no model here) spill on every
+target at every warp count tried (16 warps: 472-560 bytes; 8: 680-792; 32: 272-320), since the
+kernel holds a whole row in registers; the row stays as reasoned until the kernel tiles a row.
 
-FP4 matmul (`MatmulConfig`), by M (tokens):
-* M <= 16 and M <= 64: weight-bound (the activation tile is tiny): block_m = 16 / 64 (the
-  smallest tl.dot M is 16), block_n = 64, long block_k = 256 for long contiguous code reads
-  (128 bytes per weight row per step), 4 stages to keep loads in flight; split-K raises the
-  number of programs to about two per SM when the N tiles alone do not (N = 3072 gives 48).
-* M <= 256: 64 x 128 tiles, block_k = 128.
-* larger M: compute-bound, 128 x 128 x 128 tiles with 8 warps and 3 stages (the dequantized
-  bf16 operands take 2 x 32 KB of shared memory per stage in the worst case).
+FP4 matmul (`MatmulConfig`), by M (tokens). The kernel dequantizes both operands in
+registers before each MMA (and Pallas emits dot(a, b, 0) + acc, which Triton 3.9 does not
+fold into an accumulating dot), so the register file, not shared memory, bounds
+the tile. The first table (reasoned: 16/64 x 64 x 256
+with 4 stages, 64 x 128 x 128, 128 x 128 x 128 with 8 warps) used 255 registers per thread and
+spilled on every target that issues mma.sync (sm_80 up to 42 KB, sm_120 up to 13 KB of spill
+traffic per thread); only Hopper's wgmma tiles at 128 x 128 stayed clean. The rows now:
+* M <= 16: weight-bound; block_m = 16 (the smallest tl.dot M), block_n = 64, block_k = 128,
+  2 stages (compiled: 256 and 4 stages spilled; NVFP4 111 / 141 / 146 registers, no spills);
+  split-K raises the number of programs to about two per SM when the N tiles alone do not.
+* M <= 64 and M <= 256: 64 x 64 x 64 tiles, 4 warps, 3 stages (compiled: block_k = 128 or
+  block_n = 128 spilled on sm_80 / sm_120; NVFP4 141-188 registers, no spills).
+* larger M: compute-bound; 128 x 64 x 64 tiles, 8 warps, 2 stages (compiled: NVFP4 184 / 128
+  / 187 registers on sm_80 / sm_90a / sm_120, no spills; 128 x 128 x 64 spilled on sm_80 and
+  sm_120).
 """
 
 from __future__ import annotations
@@ -64,19 +78,27 @@ class MatmulConfig:
             raise ValueError(f"MatmulConfig.split_k must be >= 1, got {self.split_k}")
 
 
-# (max tile elements of a row, tokens per program, warps)
+# (max tile elements of a row, tokens per program, warps); every row: reasoning (above);
+# compiled for sm_80 / sm_90a / sm_120 (kernels_compiled.md): the first two spill-free,
+# the last spills ~0.5 KB on each (a kernel limit: no warp count avoids it)
 NORM_TABLE: tuple[tuple[int | None, int, int], ...] = (
     (1024, 16, 4),
     (4096, 8, 8),
     (None, 4, 16),
 )
 
-# (max M, block_m, block_n, block_k, warps, stages)
+# (max M, block_m, block_n, block_k, warps, stages); source of each row in its comment
 MATMUL_TABLE: tuple[tuple[int | None, int, int, int, int, int], ...] = (
-    (16, 16, 64, 256, 4, 4),
-    (64, 64, 64, 256, 4, 4),
-    (256, 64, 128, 128, 4, 3),
-    (None, 128, 128, 128, 8, 3),
+    # reasoning (weight-bound, smallest block_m) + compiled: block_k 256 -> 128, 4 -> 2 stages
+    (16, 16, 64, 128, 4, 2),
+    # compiled: was 64 x 64 x 256 (255 registers, spills on all three targets)
+    (64, 64, 64, 64, 4, 3),
+    # compiled: was 64 x 128 x 128 (spilled 4.2 KB on sm_80, 5.4 KB on sm_120)
+    (256, 64, 64, 64, 4, 3),
+    # compiled: was 128 x 128 x 128, 3 stages (spilled up to 42 KB on sm_80); 128 x 64 x 64
+    # with 2 stages is the largest tile found spill-free on all three (Hopper's wgmma alone
+    # also ran 128 x 128 x 64 clean: a per-target table could give it the larger tile)
+    (None, 128, 64, 64, 8, 2),
 )
 
 

@@ -8,7 +8,12 @@
 
     calib = pqjax.calibrate(model, batches)        # or piece by piece, on any NNX DiT
     qmodel, report = pqjax.quantize(model, calib, pqjax.QuantConfig(weights="int4", group=64))
+
+    pqjax.streaming.stream_quantize(...)           # block by block (imported on first use)
 """
+
+import importlib
+from typing import Any
 
 from pqjax.api import calibrate_pipeline, convert_and_quantize, quantize_pipeline
 from pqjax.calibrate import calibrate
@@ -20,6 +25,17 @@ from pqjax.pipelines.load import EMBEDDED, load_pipeline
 from pqjax.pipelines.pipeline import Pipeline
 from pqjax.quantize import QuantConfig, quantize
 from pqjax.report import QuantReport
+
+# Submodules imported on first attribute access, so `import pqjax` stays light and
+# `pqjax.streaming` works without its own import line.
+_LAZY_SUBMODULES = ("streaming",)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"pqjax.{name}")
+    raise AttributeError(f"module 'pqjax' has no attribute {name!r}")
+
 
 __all__ = [
     "EMBEDDED",
@@ -41,4 +57,5 @@ __all__ = [
     "restore",
     "save",
     "set_backend",
+    "streaming",
 ]

@@ -79,10 +79,12 @@ def convert_and_quantize(
     n_rows: int = 256,
     dtype: Any = jnp.float32,
     progress: bool = True,
+    allow_pickle: bool = False,
 ) -> Pipeline:
     """Load `name_or_path` (default: the embedded trained tiny FLUX), calibrate it on its own
-    sampling trajectories for `calib_prompts`, and quantize its transformer with `config`."""
-    pipe = load_pipeline(name_or_path, dtype=dtype)
+    sampling trajectories for `calib_prompts`, and quantize its transformer with `config`.
+    allow_pickle: also load pickled `.bin`/`.pt` weights (torch, `weights_only=True`)."""
+    pipe = load_pipeline(name_or_path, dtype=dtype, allow_pickle=allow_pickle)
     calib = calibrate_pipeline(
         pipe,
         calib_prompts,

@@ -259,7 +259,7 @@ def restore(ckpt_dir: str | os.PathLike, *, backend: str = "xla") -> Pipeline:
     from pqjax.layers import set_backend
     from pqjax.report import QuantReport
 
-    root = Path(ckpt_dir)
+    root = Path(ckpt_dir).expanduser().resolve()  # orbax reads no metadata from relative paths
     meta_path = root / META
     try:
         meta = json.loads(meta_path.read_text())

@@ -1,9 +1,14 @@
 """The `pqjax` command.
 
 pqjax demo                                   # the main job on the embedded model
-pqjax quantize MODEL --weights nvfp4 --acts nvfp4 --method permuquant --out DIR
-pqjax generate DIR "a handwritten digit 7" --out image.png
+pqjax quantize MODEL --weights nvfp4 --method permuquant --out DIR
+pqjax generate DIR "a handwritten digit 7" "3" --out images/
 pqjax report DIR
+
+Every argument is checked (pqjax.cli_args) before any model is loaded; a user error prints one
+or two lines on stderr and exits with code 2 (`--debug`: the traceback). Compiled programs are
+kept in jax's persistent cache (pqjax.compile_cache; `--no-compile-cache` or
+PQJAX_COMPILE_CACHE=0 turns it off), so a second identical call does not compile again.
 """
 
 from __future__ import annotations
@@ -16,33 +21,25 @@ from pathlib import Path
 
 import numpy as np
 
+from pqjax.cli_args import UsageError, build_parser, check, quant_config
+from pqjax.cli_images import save_images
 
-def _config(args: argparse.Namespace, method: str | None = None):
-    from pqjax.quantize import QuantConfig
-
-    acts = None if args.acts in ("none", "16", "bf16") else args.acts
-    crit = tuple(args.criterion.split(",")) if "," in args.criterion else args.criterion
-    alpha = (
-        tuple(float(a) for a in args.alpha.split(",")) if "," in args.alpha else float(args.alpha)
-    )
-    return QuantConfig(
-        weights=args.weights,
-        acts=acts,
-        group=args.group,
-        method=method or args.method,
-        criterion=crit,
-        alpha=alpha,
-        tau=args.tau,
-        backend=args.backend,
-    )
+# library errors that mean bad input (each names the file, key or argument)
+USER_ERRORS = (UsageError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
 
 
-def _save_png(images: np.ndarray, path: Path, scale: int) -> None:
-    from PIL import Image
+def warn_pallas_without_gpu(backend: str) -> None:
+    """The README's promise: --backend pallas off a CUDA GPU says that XLA serves instead."""
+    if backend != "pallas":
+        return
+    from pallas_kernels import dispatch
 
-    arr = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
-    tiles = [np.kron(a, np.ones((scale, scale) + (1,) * (a.ndim - 2), np.uint8)) for a in arr]
-    Image.fromarray(np.concatenate(tiles, axis=1)).save(path)
+    if dispatch.mode() == "xla":
+        print(
+            "pqjax: warning: --backend pallas: no CUDA GPU here, so XLA computes what the Pallas "
+            f"kernels would (set {dispatch.ENV_INTERPRET}=1 to run them in interpret mode)",
+            file=sys.stderr,
+        )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -92,10 +89,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from pqjax.eval.compare import EvalSpec, compare, run_name, summary_table
     from pqjax.pipelines.load import EMBEDDED, load_pipeline
 
-    fp = load_pipeline(args.model)
-    prompts = Path(args.calib_prompts).read_text().splitlines() if args.calib_prompts else None
-    calib = calibrate_pipeline(fp, prompts, n_rows=args.rows)
-    config = _config(args)
+    config = args.config
+    warn_pallas_without_gpu(config.backend)
+    fp = load_pipeline(args.model, allow_pickle=args.allow_pickle)
+    calib = calibrate_pipeline(fp, args.calib_prompt_list, n_rows=args.rows)
     q = quantize_pipeline(fp, calib, config)
     out = save(q, args.out, overwrite=args.overwrite)
     print(f"saved {config.label} {config.method} checkpoint to {out}")
@@ -113,7 +110,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             from pqjax.eval.metrics import DigitMetrics
 
             metrics = DigitMetrics()
-        configs = [_config(args, "rtn")] if config.method != "rtn" else []
+        configs = [quant_config(args, "rtn")] if config.method != "rtn" else []
         results = compare(fp, calib, [*configs, config], spec, out / "compare",
                           digit_metrics=metrics, quantized={run_name(config): q})
         print(summary_table(results))
@@ -124,12 +121,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from pqjax.checkpoint import restore
 
+    warn_pallas_without_gpu(args.backend)
     pipe = restore(args.checkpoint, backend=args.backend)
+    steps = args.steps or pipe.defaults.num_inference_steps
+    print(f"sampling {len(args.prompt)} image(s), {steps} steps", flush=True)
     images = pipe.generate(
-        args.prompt, seed=args.seed, num_steps=args.steps, guidance=args.guidance, progress=True
+        args.prompt,
+        seed=args.seed,
+        num_steps=args.steps,
+        guidance=args.guidance,
+        progress=args.progress,
     )
-    _save_png(images, Path(args.out), args.scale)
-    print(f"wrote {args.out} ({len(images)} image(s), {images.shape[1]}x{images.shape[2]})")
+    save_images(images, args.image_paths, args.scale, args.grid)
+    where = args.image_paths[0] if len(args.image_paths) == 1 else args.image_paths[0].parent
+    size = f"{images.shape[1] * args.scale}x{images.shape[2] * args.scale}"
+    print(f"wrote {len(images)} image(s) of {size} to {where}" + (" (joined)" if args.grid else ""))
     return 0
 
 
@@ -138,9 +144,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     root = Path(args.checkpoint)
     rep = root / "report" / "report.json"
-    if not rep.is_file():
-        print(f"{root}: no report/report.json (is this a pqjax checkpoint?)", file=sys.stderr)
-        return 2
     report = json.loads(rep.read_text())
     print(f"{report['label']} {report['method']}: {json.dumps(report['summary'], indent=1)}")
     print(f"sizes: {report['sizes']}")
@@ -151,56 +154,42 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_quant_args(p: argparse.ArgumentParser) -> None:
-    from pqjax import formats
+COMMANDS = {
+    "demo": cmd_demo,
+    "quantize": cmd_quantize,
+    "generate": cmd_generate,
+    "report": cmd_report,
+}
 
-    names = formats.names()
-    p.add_argument("--weights", default="nvfp4", choices=names)
-    p.add_argument("--acts", default="nvfp4", choices=[*names, "none"])
-    p.add_argument("--group", type=int, default=None, help="group size for INT formats")
-    p.add_argument("--method", default="permuquant")
-    p.add_argument(
-        "--criterion",
-        default="joint_second_moment",
-        help="a criterion name, or several separated by commas",
-    )
-    p.add_argument("--alpha", default="0.5", help="a value, or several separated by commas")
-    p.add_argument("--tau", type=float, default=0.0)
-    p.add_argument("--backend", default="xla", choices=["xla", "xla_packed", "pallas"])
+
+def _print_error(prog: str, e: BaseException) -> None:
+    """One or two lines: the message's first line, then the rest joined."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [
+        type(e).__name__
+    ]
+    print(f"{prog}: error: {lines[0]}", file=sys.stderr)
+    if len(lines) > 1:
+        print("  " + " ".join(lines[1:]), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pqjax", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("demo", help="the main job on the embedded trained tiny FLUX")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--per-digit", type=int, default=5)
-    p.add_argument("--rows", type=int, default=256, help="sampled calibration rows per layer")
-    p.set_defaults(fn=cmd_demo)
-    p = sub.add_parser("quantize", help="calibrate, permute, quantize and save a model")
-    p.add_argument("model", nargs="?", default="tiny-flux-digits")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--calib-prompts", help="a text file with one prompt per line")
-    p.add_argument("--rows", type=int, default=256)
-    p.add_argument("--no-compare", action="store_true", help="skip the image comparison")
-    _add_quant_args(p)
-    p.set_defaults(fn=cmd_quantize)
-    p = sub.add_parser("generate", help="generate images from a saved checkpoint")
-    p.add_argument("checkpoint")
-    p.add_argument("prompt", nargs="+")
-    p.add_argument("--out", default="image.png")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--scale", type=int, default=8, help="nearest-neighbour upscale of the PNG")
-    p.add_argument("--backend", default="xla", choices=["xla", "xla_packed", "pallas"])
-    p.set_defaults(fn=cmd_generate)
-    p = sub.add_parser("report", help="print a checkpoint's quantization report")
-    p.add_argument("checkpoint")
-    p.set_defaults(fn=cmd_report)
-    args = parser.parse_args(argv)
-    return args.fn(args)
+    """Run the command line `argv` (default sys.argv[1:]); returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    prog = "pqjax" + next((f" {a}" for a in argv if a in COMMANDS), "")
+    try:
+        args = build_parser().parse_args(argv)
+        check(args)
+        if not args.no_compile_cache:
+            from pqjax import compile_cache
+
+            compile_cache.enable()
+        return COMMANDS[args.cmd](args)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        _print_error(prog, e)
+        return 2
 
 
 if __name__ == "__main__":

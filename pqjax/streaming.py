@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 import convert
 from convert import registry
-from convert.loader import load_submodule, open_weights, read_config
+from convert.loader import check_block_counts, load_submodule, open_weights, read_config
 from pqjax import permute
 from pqjax.calibrate import calibrate, linears
 from pqjax.checkpoint import apply_layout, module_layout, restore_state, save_state
@@ -98,7 +98,7 @@ def _block_forward(
 class _Streamer:
     """The model shell (embedders, final layers) plus abstract blocks loaded on demand."""
 
-    def __init__(self, source: str | os.PathLike, dtype: Any):
+    def __init__(self, source: str | os.PathLike, dtype: Any, allow_pickle: bool = False):
         self.folder = convert.resolve(source, "transformer")
         raw = read_config(self.folder)
         spec = registry.spec_for_class_name(raw.get("_class_name", ""), str(self.folder))
@@ -108,7 +108,8 @@ class _Streamer:
             )
         config = spec.parse(raw, str(self.folder / "config.json"))
         self.dtype = dtype
-        self.weights = open_weights(self.folder, spec.weights_name)
+        self.weights = open_weights(self.folder, spec.weights_name, allow_pickle=allow_pickle)
+        check_block_counts(spec, config, self.weights.keys(), str(self.folder / "config.json"))
         self.model = nnx.eval_shape(lambda: spec.module(config, dtype=dtype, rngs=nnx.Rngs(0)))
         self.sites = [s for s in permute.sites(self.model) if s.name != "temb"]
         self.names = [
@@ -142,18 +143,20 @@ def stream_quantize(
     n_rows: int = 256,
     resume: bool = True,
     stop_after: int | None = None,
+    allow_pickle: bool = False,
 ) -> tuple[nnx.Module, QuantReport]:
     """Quantize the FLUX transformer at `source` block by block (see the module docstring).
 
     batches: transformer inputs (diffusers keywords) along full-precision trajectories, e.g.
-    `Pipeline.calibration_batches`. Returns the quantized model and its report.
+    `Pipeline.calibration_batches`. Returns the quantized model and its report. allow_pickle:
+    also read pickled `.bin`/`.pt` weights (torch, `weights_only=True`).
     """
     if config.method not in ("rtn", "permuquant"):
         raise ValueError(f"streaming supports methods rtn and permuquant, not {config.method!r}")
     t0 = time.perf_counter()
-    work = Path(work_dir)
+    work = Path(work_dir).expanduser().resolve()  # orbax writes to absolute paths only
     (work / "blocks").mkdir(parents=True, exist_ok=True)
-    st = _Streamer(source, dtype)
+    st = _Streamer(source, dtype, allow_pickle)
     manifest_path = work / "manifest.json"
     ident = {
         "source": str(st.folder),

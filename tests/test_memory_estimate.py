@@ -41,3 +41,53 @@ def test_peaks_fit_a_24_gb_gpu(flux_dev):
 def test_unknown_name():
     with pytest.raises(ValueError, match="flux-dev"):
         estimate_memory("flux-pro")
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [("nvfp4", {}), ("mxfp4", {}), ("int4", {}), ("int4", {"group": 32}), ("int2", {"group": 64}),
+     ("int3_asym", {"group": "channel"}), ("int8", {}), ("int8_asym", {"group": 128})],
+)
+def test_layout_bytes_equal_the_formats_own_quantize(name, kwargs):
+    from pqjax import formats
+    from pqjax.memory import abstract_weight_bytes, layout_bytes
+
+    fmt = formats.get(name, **kwargs)
+    for d_out, d_in in [(3, 100), (5, 64), (2, 3072), (1, 5600)]:
+        assert layout_bytes(d_out, d_in, fmt) == abstract_weight_bytes(d_out, d_in, fmt), (
+            fmt, d_out, d_in
+        )
+
+
+def test_formats_without_a_layout_fall_back_to_abstract_evaluation():
+    from pqjax import formats
+    from pqjax.memory import abstract_weight_bytes, layout_bytes
+
+    fmt = formats.get("fp8")
+    assert layout_bytes(4, 64, fmt) is None
+    assert quantized_weight_bytes(4, 64, fmt) == abstract_weight_bytes(4, 64, fmt) >= 4 * 64
+
+
+def test_family_token_counts_and_widths():
+    """SANA at 1024 px: DC-AE 32x gives 32x32 = 1024 image tokens, Mix-FFN 2.5 d (its GLU conv
+    2 x 2.5 d wide); FLUX and Z-Image: VAE 8x and 2x2 patches give 64x64 = 4096."""
+    sana = estimate_memory("sana-1.5-1.6b")
+    assert "(1024 image + 300 text tokens)" in sana.assumptions["resolution"]
+    assert "Mix-FFN 2.5d" in sana.assumptions["family"]
+    assert "text encoders and autoencoder" in sana.assumptions["not counted"]
+    assert "prompt encoding (text encoders, bf16)" not in sana.peaks
+    for name, txt in [("flux-dev", 512), ("flux-schnell", 256), ("z-image-turbo", 512)]:
+        est = estimate_memory(name, height=512, width=768)
+        assert f"(1536 image + {txt} text tokens)" in est.assumptions["resolution"]
+    assert "not counted" not in estimate_memory("flux-dev").assumptions
+
+
+def test_peaks_grow_with_resolution_and_in_memory_exceeds_streamed(flux_dev):
+    big = estimate_memory("flux-dev", pqjax.QuantConfig(weights="nvfp4", acts="nvfp4"),
+                          height=2048, width=2048, flash_attention=False)
+    for key, value in flux_dev.peaks.items():
+        if "prompt encoding" not in key:
+            assert big.peaks[key] > value, key
+    peaks = flux_dev.peaks
+    assert (peaks["in-memory quantization (bf16 transformer + its quantized copy)"]
+            > peaks["block-wise quantization (device)"])

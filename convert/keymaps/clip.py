@@ -37,5 +37,6 @@ SPECS = [
         read_config=read_config,
         write_config=write_config,
         map_keys=map_checkpoint_keys,
+        block_counts=(("text_model.encoder.layers", "num_hidden_layers"),),
     )
 ]

@@ -3,4 +3,12 @@
 from convert.registry import ModelSpec
 from pqjax.models.flux import FluxConfig, FluxTransformer2DModel
 
-SPECS = [ModelSpec("FluxTransformer2DModel", FluxTransformer2DModel, FluxConfig)]
+SPECS = [
+    ModelSpec(
+        "FluxTransformer2DModel",
+        FluxTransformer2DModel,
+        FluxConfig,
+        block_counts=(("transformer_blocks", "num_layers"),
+                      ("single_transformer_blocks", "num_single_layers")),
+    )
+]

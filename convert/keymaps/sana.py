@@ -7,4 +7,11 @@ NNX model recomputes it from the config.
 from convert.registry import ModelSpec
 from pqjax.models.sana import SanaConfig, SanaTransformer2DModel
 
-SPECS = [ModelSpec("SanaTransformer2DModel", SanaTransformer2DModel, SanaConfig)]
+SPECS = [
+    ModelSpec(
+        "SanaTransformer2DModel",
+        SanaTransformer2DModel,
+        SanaConfig,
+        block_counts=(("transformer_blocks", "num_layers"),),
+    )
+]

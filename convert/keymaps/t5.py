@@ -34,5 +34,6 @@ SPECS = [
         read_config=read_config,
         write_config=write_config,
         map_keys=map_checkpoint_keys,
+        block_counts=(("encoder.block", "num_layers"),),
     )
 ]

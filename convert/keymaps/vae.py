@@ -13,5 +13,8 @@ SPECS = [
         AutoencoderKL,
         AutoencoderKLConfig,
         weights_name="diffusion_pytorch_model",
+        block_counts=(("encoder.down_blocks", "block_out_channels"),
+                      ("decoder.up_blocks", "block_out_channels"),
+                      ("encoder.down_blocks.0.resnets", "layers_per_block")),
     )
 ]

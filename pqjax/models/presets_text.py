@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import jax
 
-from pqjax.models.configs import ConfigError
+from pqjax.models.configs import ConfigError, check_types
 
 C = TypeVar("C")
 
@@ -95,6 +95,7 @@ def parse_config(
                 f"supported: {sorted(names)}; known and ignored: {sorted(ignore)}"
             )
         kwargs[key] = tuple(value) if isinstance(value, list) else value
+    check_types(cls, kwargs, source)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pqjax.errors import CheckpointError, MissingFileError
+
 WEIGHTS = "model.safetensors"
 PROMPTS = "prompts.json"
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -152,12 +154,18 @@ class PromptTable(nnx.Module):
         from safetensors.numpy import load_file
 
         folder = Path(folder)
+        for name in (PROMPTS, WEIGHTS):  # safetensors' FileNotFoundError names no file
+            if not (folder / name).is_file():
+                raise MissingFileError(f"{folder / name}: missing (a PromptTable folder holds "
+                                       f"{PROMPTS} and {WEIGHTS})")
         try:
             meta = json.loads((folder / PROMPTS).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{folder / PROMPTS}: not valid JSON ({e})") from e
+        try:
             tensors = load_file(str(folder / WEIGHTS))
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"{folder}: not a PromptTable folder ({e.filename} missing)"
-                                    ) from e
+        except Exception as e:  # SafetensorError, OSError
+            raise CheckpointError(f"{folder / WEIGHTS}: cannot be read ({e})") from e
         emb, pooled = tensors["encoder_hidden_states"], tensors["pooled_projections"]
         rows = meta["n_classes"] + 1
         want_emb = (rows, meta["tokens"], meta["joint_attention_dim"])

@@ -88,19 +88,19 @@ class VAEDecoder:
 
 
 @register_pipeline("FluxPipeline")
-def load_flux(root: Path, dtype: Any = jnp.float32) -> Pipeline:
+def load_flux(root: Path, dtype: Any = jnp.float32, *, allow_pickle: bool = False) -> Pipeline:
     """A diffusers FluxPipeline folder (dev or schnell) as a JAX Pipeline."""
-    transformer = convert.load_transformer(root, dtype=dtype)
+    transformer = convert.load_transformer(root, dtype=dtype, allow_pickle=allow_pickle)
     steps, guidance, max_len = DEV_DEFAULTS if transformer.config.guidance_embeds \
         else SCHNELL_DEFAULTS
     encoders = FluxTextEncoders(
-        clip=convert.load_model(root / "text_encoder", dtype=dtype),
-        t5=convert.load_model(root / "text_encoder_2", dtype=dtype),
+        clip=convert.load_model(root / "text_encoder", dtype=dtype, allow_pickle=allow_pickle),
+        t5=convert.load_model(root / "text_encoder_2", dtype=dtype, allow_pickle=allow_pickle),
         tokenizers=load_tokenizers(root),
         max_sequence_length=max_len,
         tokenizer_dirs=(str(root / "tokenizer"), str(root / "tokenizer_2")),
     )
-    vae = convert.load_model(root / "vae", dtype=dtype)
+    vae = convert.load_model(root / "vae", dtype=dtype, allow_pickle=allow_pickle)
     sched_path = root / "scheduler" / "scheduler_config.json"
     scheduler = FlowMatchEuler.from_config(_read_json(sched_path), str(sched_path))
     defaults = SamplingDefaults(

@@ -3,7 +3,7 @@
     pipe = Pipeline(transformer, text_encoder, scheduler, decoder, defaults)
     images = pipe.generate(["a handwritten digit 3", "a handwritten digit 7"], seed=0)
 
-Image i's starting noise is drawn from `fold_in(key(seed), i)`, so an image depends on its seed
+Image i's starting noise is drawn from `fold_in(seed_key(seed), i)`, so an image depends on its seed
 and index, not on what else is in the batch. The whole sampling loop is one jitted function of
 (graphdef, state, inputs): it compiles once per shape, not once per step.
 """
@@ -73,6 +73,35 @@ class SamplingDefaults:
         return cls(**{k: v for k, v in raw.items() if k in names})
 
 
+def seed_key(seed: int) -> jax.Array:
+    """The PRNG key of a non-negative integer seed of any size.
+
+    jax keys hold 32 bits: seeds below 2**32 give `key(seed)` itself; the higher 32-bit words
+    of a larger seed are folded in one after another, so no two seeds share a key by truncation.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    seed = int(seed)
+    key = jax.random.key(seed & 0xFFFFFFFF)
+    seed >>= 32
+    while seed:
+        key = jax.random.fold_in(key, seed & 0xFFFFFFFF)
+        seed >>= 32
+    return key
+
+
+def check_sampling(num_steps: Any, guidance: Any) -> None:
+    """Refuse a step count below 1 and a guidance that is not a finite number >= 0."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int | np.integer) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    try:
+        g = float(guidance)
+    except (TypeError, ValueError):
+        g = float("nan")
+    if isinstance(guidance, bool) or not np.isfinite(g) or g < 0:
+        raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "trajectory", "progress"))
 def _sample(
     graphdef,
@@ -135,16 +164,17 @@ class Pipeline:
         return self.defaults.latent_channels, h, w
 
     def initial_noise(self, n: int, seed: int, height: int, width: int) -> jax.Array:
-        """`(n, c, h, w)` float32 noise; image i from fold_in(key(seed), i)."""
+        """`(n, c, h, w)` float32 noise; image i from fold_in(seed_key(seed), i)."""
         shape = self.latent_shape(height, width)
-        key = jax.random.key(seed)
+        key = seed_key(seed)
         return jnp.stack([jax.random.normal(jax.random.fold_in(key, i), shape) for i in range(n)])
 
     def _inputs(self, prompts, seed, num_steps, guidance, height, width, latents):
         d = self.defaults
         height, width = height or d.height, width or d.width
-        steps = num_steps or d.num_inference_steps
+        steps = d.num_inference_steps if num_steps is None else num_steps
         g = d.guidance_scale if guidance is None else guidance
+        check_sampling(steps, g)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("generate: no prompts given")

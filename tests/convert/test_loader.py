@@ -78,6 +78,21 @@ def test_absent_model_names_paths_and_download_command(tmp_path, monkeypatch):
     assert "never downloads" in msg
 
 
+def test_embedded_name_resolves_like_load_pipeline(tmp_path, monkeypatch):
+    import pqjax
+    from pqjax.pipelines.load import resolve_root
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.chdir(tmp_path)  # no folder of that name here: the package's asset is used
+    folder = convert.resolve(pqjax.EMBEDDED)
+    assert folder.name == "transformer" and folder.parent == resolve_root(pqjax.EMBEDDED)
+    assert (folder.parent / "model_index.json").is_file()
+    model = convert.load_transformer(pqjax.EMBEDDED)
+    assert model.config == convert.load_transformer(folder).config
+    with pytest.raises(convert.ModelNotFoundError, match=pqjax.EMBEDDED):  # listed when absent
+        convert.resolve("no-such-model")
+
+
 def test_folder_without_model(tmp_path):
     with pytest.raises(convert.ModelNotFoundError, match=r"model_index\.json"):
         convert.resolve(tmp_path)

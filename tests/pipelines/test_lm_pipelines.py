@@ -1,0 +1,110 @@
+"""SANA and Z-Image end to end against diffusers' SanaPipeline and ZImagePipeline.
+
+Each pipeline is assembled from tiny random components and written with `save_pretrained`;
+`pqjax.load_pipeline` reads that folder. Same prompts (several in one batch), same starting
+latents, `output_type="np"`: images must agree within 1e-4 of their scale (the images lie in
+[0, 1]). That is the float32 parity bound of each component (tests/models), carried through a
+few solver steps that contract rather than amplify differences, and far below what a wrong
+mask, token selection, schedule, guidance or latent scaling produces (O(1e-2) and up).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+diffusers = pytest.importorskip("diffusers")
+
+import pqjax  # noqa: E402
+from tests.models.lm_tokenizers import write_gemma_tokenizer, write_qwen_tokenizer  # noqa: E402
+from tests.models.test_sana import TINY_QK  # noqa: E402
+from tests.models.test_zimage import CONFIGS as ZIMAGE_CONFIGS  # noqa: E402
+from tests.models.test_zimage import torch_zimage  # noqa: E402
+from tests.parity import assert_close_rel, randomize_  # noqa: E402
+from tests.pipelines.test_sana_sampler import SANA_SCHEDULER  # noqa: E402
+
+PROMPTS = ["A red fox in the snow", "an astronaut riding a horse", "a cat"]
+LM = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+          num_key_value_heads=2, head_dim=8, pad_token_id=0)
+
+
+def _random(module, std=0.2):
+    randomize_(module.eval(), std=std)
+    return module
+
+
+def tiny_sana(root):
+    vocab = write_gemma_tokenizer(root / "tok")
+    torch.manual_seed(0)
+    gemma = _random(transformers.Gemma2Model(transformers.Gemma2Config(
+        vocab_size=vocab, sliding_window=64, query_pre_attn_scalar=8, **LM)))
+    cfg = dataclasses.replace(TINY_QK, caption_channels=32, sample_size=8)
+    transformer = _random(diffusers.SanaTransformer2DModel(**dataclasses.asdict(cfg)))
+    vae = _random(diffusers.AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=4,
+        encoder_block_out_channels=(8, 16, 16), encoder_layers_per_block=(1, 1, 1),
+        encoder_qkv_multiscales=((), (), ()), decoder_block_out_channels=(8, 16, 16),
+        decoder_layers_per_block=(1, 1, 1), decoder_qkv_multiscales=((), (), (3,)),
+        decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+        upsample_block_type="interpolate", scaling_factor=0.41407), std=0.1)
+    pipe = diffusers.SanaPipeline(
+        tokenizer=transformers.AutoTokenizer.from_pretrained(root / "tok"), text_encoder=gemma,
+        vae=vae, transformer=transformer,
+        scheduler=diffusers.DPMSolverMultistepScheduler(**SANA_SCHEDULER))
+    pipe.save_pretrained(root / "sana")
+    return pipe
+
+
+def tiny_zimage(root):
+    vocab = write_qwen_tokenizer(root / "tok")
+    torch.manual_seed(0)
+    qwen = _random(transformers.Qwen3Model(transformers.Qwen3Config(vocab_size=vocab, **LM)))
+    transformer = torch_zimage({**ZIMAGE_CONFIGS["small_qknorm"], "cap_feat_dim": 32}, std=0.1)
+    vae = _random(diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=4, scaling_factor=0.3611, shift_factor=0.1159),
+        std=0.1)
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False)
+    pipe = diffusers.ZImagePipeline(
+        tokenizer=transformers.AutoTokenizer.from_pretrained(root / "tok"), text_encoder=qwen,
+        vae=vae, transformer=transformer, scheduler=sched)
+    pipe.save_pretrained(root / "zimage")
+    return pipe
+
+
+@pytest.mark.parametrize("guidance", [4.5, 1.0])  # with and without classifier-free guidance
+def test_sana_pipeline_matches_diffusers(tmp_path, guidance):
+    ref_pipe = tiny_sana(tmp_path)
+    latents = torch.randn(len(PROMPTS), 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref_pipe(list(PROMPTS), height=32, width=32, num_inference_steps=3,
+                        guidance_scale=guidance, latents=latents.clone(), output_type="np",
+                        use_resolution_binning=False).images
+    pipe = pqjax.load_pipeline(tmp_path / "sana")
+    got = pipe.generate(PROMPTS, height=32, width=32, num_steps=3, guidance=guidance,
+                        latents=latents.numpy())
+    assert got.shape == want.shape == (3, 32, 32, 3)
+    assert_close_rel(got, want, 1e-4, f"SANA images, guidance {guidance}")
+    assert np.abs(got - want).max() < 1e-4  # absolute too: both lie in [0, 1]
+
+
+def test_zimage_pipeline_matches_diffusers(tmp_path):
+    ref_pipe = tiny_zimage(tmp_path)
+    latents = torch.randn(len(PROMPTS), 4, 8, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        # a copy: ZImagePipeline writes the chat-formatted prompts back into the caller's list
+        want = ref_pipe(list(PROMPTS), height=16, width=12, num_inference_steps=4,
+                        guidance_scale=0.0, latents=latents.clone(), output_type="np").images
+    pipe = pqjax.load_pipeline(tmp_path / "zimage")
+    got = pipe.generate(PROMPTS, height=16, width=12, num_steps=4, latents=latents.numpy())
+    assert got.shape == want.shape == (3, 16, 12, 3)
+    assert_close_rel(got, want, 1e-4, "Z-Image images")
+    with pytest.raises(ValueError, match="guided sampling is not implemented"):
+        pipe.generate(PROMPTS[:1], height=16, width=12, guidance=5.0)
+    with pytest.raises(ValueError, match="height must be a positive multiple of 4"):
+        pipe.generate(PROMPTS[:1], height=10, width=12)
