@@ -48,7 +48,7 @@ def main() -> None:
         for r in rows:
             site = sites[r["site"]]
             kernel = permute.module_at(fp.transformer, r["layer"]).kernel[...]
-            x = held[site.consumers[0]].rows
+            x = held[r["layer"]].rows  # its own input (to_add_out reads the text tokens)
             e_rtn, e_pq = (permute.layer_errors(x, [kernel], p, wf, af)[0]
                            for p in (np.arange(site.dim), report.perms[site.name]))
             held_ratio.append(e_pq / e_rtn)

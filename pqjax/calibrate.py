@@ -8,6 +8,10 @@ the sum of x^2, the absmax and the row count in float32 (memory independent of t
 samples), and it keeps a uniform random sample of `n_rows` activation rows without
 replacement (bottom-k priority sampling: every row draws a uniform priority from a fixed-seed
 stream, the k smallest survive), which the acceptance rule evaluates errors on.
+
+Every observer draws from the same stream (the seed, then the call index), so Linears that
+read the same tensor (q, k, v after one norm) keep the same rows: one row sample per input
+tensor, and every method scores a layer on the same rows.
 """
 
 from __future__ import annotations
@@ -110,10 +114,9 @@ def calibrate(
     targets = [(p, m) for p, m in linears(model) if select is None or select(p)]
     if not targets:
         raise ValueError("calibrate: the model has no Linear layers to observe")
-    base = jax.random.key(seed)
-    for i, (_, lin) in enumerate(targets):
-        lin.observer = ChannelObserver(lin.in_features, n_rows, jax.random.fold_in(base, i),
-                                       track_batches)
+    key = jax.random.key(seed)  # one stream for all: readers of one tensor keep the same rows
+    for _, lin in targets:
+        lin.observer = ChannelObserver(lin.in_features, n_rows, key, track_batches)
     fwd = forward or (lambda m, **kw: m(**kw))
     if mesh is not None:
         _shard_model(model, mesh, shard_weights)

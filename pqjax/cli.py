@@ -86,7 +86,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from pqjax.api import calibrate_pipeline, quantize_pipeline
     from pqjax.checkpoint import save
-    from pqjax.eval.compare import EvalSpec, compare, summary_table
+    from pqjax.eval.compare import EvalSpec, compare, run_name, summary_table
     from pqjax.pipelines.load import EMBEDDED, load_pipeline
 
     config = args.config
@@ -111,9 +111,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
             metrics = DigitMetrics()
         configs = [quant_config(args, "rtn")] if config.method != "rtn" else []
-        results = compare(
-            fp, calib, [*configs, config], spec, out / "compare", digit_metrics=metrics
-        )
+        results = compare(fp, calib, [*configs, config], spec, out / "compare",
+                          digit_metrics=metrics, quantized={run_name(config): q})
         print(summary_table(results))
         print(f"report: {out / 'compare'}")
     return 0

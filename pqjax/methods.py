@@ -116,11 +116,12 @@ def search_sites(
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """PermuQuant's search at every site with a quantized consumer.
 
-    Returns (perms, site report, layer report); layer errors are on calibration rows with
-    the accepted order (identity when rejected), so err <= the identity's error (under
-    `baseline_key`) by construction. site_list: the sites to search (default: all of
-    `model`'s). rotate_for: a site's online input transform (`pqjax.rotate` name), applied
-    after the permutation in every error evaluation and recorded as "transform".
+    Returns (perms, site report, layer report); layer errors are on each layer's own
+    calibration rows (see `_own_row_errors`) with the accepted order (identity when
+    rejected), so err <= the identity's error (under `baseline_key`) by construction.
+    site_list: the sites to search (default: all of `model`'s). rotate_for: a site's online
+    input transform (`pqjax.rotate` name), applied after the permutation in every error
+    evaluation and recorded as "transform".
     """
     wfmt, afmt = config.weight_format(), config.act_format()
     wanted = set(targets)
@@ -147,32 +148,83 @@ def search_sites(
             seed=config.seed + i,
             rotate=name,
         )
-        perms[site.name] = res.perm
+        own = _own_row_errors(model, calib, site, res, config, wfmt, afmt, name)
+        if own is None:
+            continue
+        accepted, e_id, e_perm, err_id, err_perm = own
+        perms[site.name] = res.candidate_perm if accepted else site.identity()
         transform = {} if name is None else {"transform": name}
         site_rows[site.name] = {
             "kind": site.kind,
             "dim": site.dim,
-            "accepted": res.accepted,
-            "err_identity": res.err_identity,
-            "err_permuted": res.err_permuted,
+            "accepted": accepted,
+            "err_identity": e_id,
+            "err_permuted": e_perm,
             "criterion": res.criterion,
             "alpha": res.alpha,
             **transform,
         }
-        after = res.layer_err_permuted if res.accepted else res.layer_err_identity
-        for c, b, a in zip(site.consumers, res.layer_err_identity, after):
-            if c not in wanted:
+        for c in site.consumers:
+            if c not in wanted or c not in err_id:
                 continue
             layer_rows[c] = {
                 "site": site.name,
-                baseline_key: b,
-                "err": a,
-                "accepted": res.accepted,
-                "criterion": res.criterion if res.accepted else "identity",
+                baseline_key: err_id[c],
+                "err": err_perm[c] if accepted else err_id[c],
+                "accepted": accepted,
+                "criterion": res.criterion if accepted else "identity",
                 "alpha": res.alpha,
                 **transform,
             }
     return perms, site_rows, layer_rows
+
+
+def _own_row_errors(
+    model: nnx.Module,
+    calib: Calibration,
+    site: permute.Site,
+    res: permute.SearchResult,
+    config: QuantConfig,
+    wfmt: formats.Format | None,
+    afmt: formats.Format | None,
+    rotate: str | None,
+) -> tuple[bool, float, float, dict[str, float], dict[str, float]] | None:
+    """Score each consumer of `site` on its OWN calibration rows, identity and searched order.
+
+    The search reads the first consumer's rows; consumers that read another tensor (FLUX's
+    `to_add_out` reads the text part of the attention output, `to_out.0` the image part) are
+    scored here on theirs, with the same function as `rtn_errors`, so a layer's RTN error is
+    the same number in every method's report. The order is kept only if no consumer's own
+    error grows; where the consumers' rows differ, the site's gain is also taken on own rows.
+    Returns (accepted, E_identity, E_permuted, per-layer identity, per-layer permuted errors).
+    """
+    own = [c for c in site.consumers if c in calib]
+    if not own:
+        return None
+    ident = np.arange(site.dim)
+    err_id, err_perm = {}, {}
+    for c in own:
+        rows, kernel = calib[c].rows, kernel_of(model, c)
+        err_id[c] = permute.layer_errors(rows, [kernel], ident, wfmt, afmt, rotate)[0]
+        err_perm[c] = permute.layer_errors(
+            rows, [kernel], res.candidate_perm, wfmt, afmt, rotate
+        )[0]
+    first = np.asarray(calib[own[0]].rows)  # search_sites searched on the first consumer's
+    shared = own[0] == site.consumers[0] and all(
+        np.array_equal(np.asarray(calib[c].rows), first) for c in own
+    )
+    no_worse = all(err_perm[c] <= err_id[c] for c in own)
+    if shared:
+        return res.accepted and no_worse, res.err_identity, res.err_permuted, err_id, err_perm
+    den = {}  # output energy ||x W||^2 per consumer, to weigh its relative error
+    for c in own:
+        y = np.asarray(calib[c].rows, np.float64) @ np.asarray(kernel_of(model, c), np.float64)
+        den[c] = float(np.sum(y * y))
+    total = max(sum(den.values()), 1e-30)
+    e_id = sum(err_id[c] * den[c] for c in own) / total
+    e_perm = sum(err_perm[c] * den[c] for c in own) / total
+    accepted = no_worse and e_id > 0 and (e_id - e_perm) / e_id > config.tau
+    return accepted, e_id, e_perm, err_id, err_perm
 
 
 @register_method("permuquant")

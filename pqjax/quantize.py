@@ -299,5 +299,5 @@ def quantize(
         q.input_transform = extras.get("input_transform")
         set_module(qmodel, path, q)
     seconds = time.perf_counter() - t0
-    report = QuantReport.build(model, qmodel, config, plan, seconds)
+    report = QuantReport.build(model, qmodel, config, plan, seconds, calib=calib)
     return qmodel, report

@@ -1,6 +1,6 @@
 """The quantization report: per-layer errors before/after, site decisions, sizes, time.
 
-report.save("out/")   # out/report.json and out/layer_errors.png (RTN vs the method)
+report.save("out/")   # out/report.json, out/index.html (the page), out/layer_errors.png
 """
 
 from __future__ import annotations
@@ -9,17 +9,20 @@ import dataclasses
 import fnmatch
 import json
 import math
+import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flax import nnx
 
+from pqjax.eval.plots import block_of
 from pqjax.layers import QuantLinear, QuantState
 from pqjax.models.conv import Conv2d
 from pqjax.models.layers import Linear
 
 if TYPE_CHECKING:
+    from pqjax.calibrate import Calibration
     from pqjax.methods import Plan
     from pqjax.quantize import QuantConfig
 
@@ -59,6 +62,74 @@ def kept_16bit(model: nnx.Module, skip: tuple[str, ...] = ()) -> list[dict[str, 
     return out
 
 
+def versions() -> dict[str, str]:
+    """The versions that made a report: pqjax, jax, jaxlib, flax, numpy and python."""
+    from importlib import metadata
+
+    out = {}
+    for name in ("pqjax", "jax", "jaxlib", "flax", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    out["python"] = platform.python_version()
+    return out
+
+
+def model_order(model: nnx.Module) -> dict[str, int]:
+    """Dotted path -> display position of every Linear / QuantLinear of `model`: blocks in
+    the order the model's permutation sites declare them (execution order: FLUX's double
+    blocks before its single blocks), layers within a block in site order; layers outside
+    every site (embedders) first. Module-tree order when the model declares no sites."""
+    from pqjax import permute
+
+    paths = [
+        ".".join(str(p) for p in path)
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, (Linear, QuantLinear))
+    ]
+    try:
+        consumers = [c for site in permute.sites(model) for c in site.consumers]
+    except (TypeError, AttributeError):  # no sites declared for this model
+        return {p: i for i, p in enumerate(paths)}
+    block_rank: dict[str, int] = {}
+    rank: dict[str, int] = {}
+    for c in consumers:
+        block_rank.setdefault(block_of(c), len(block_rank))
+        rank.setdefault(c, len(rank))
+
+    def key(item: tuple[int, str]) -> tuple[int, int, int]:
+        i, p = item
+        b = block_rank.get(block_of(p), -1)
+        return (b, rank.get(p, -1) if b >= 0 else i, i)
+
+    ordered = sorted(enumerate(paths), key=key)
+    return {p: k for k, (_, p) in enumerate(ordered)}
+
+
+def channel_stats(
+    plan: Plan, calib: Calibration, layers: list[dict[str, Any]], group: int, top: int = 4
+) -> list[dict[str, Any]]:
+    """For the `top` accepted sites with the largest gain: the activation absmax per channel
+    of the site's input `(dim,)` (calibration statistics of its first consumer), to plot the
+    groups before and after the permutation (the order itself is in `perms`)."""
+    first = {}
+    for row in layers:  # model order: the first consumer of each site
+        if row.get("site") is not None:
+            first.setdefault(row["site"], row["layer"])
+    gains = []
+    for site, row in plan.sites.items():
+        e_id, e_perm = row.get("err_identity", 0.0), row.get("err_permuted", 0.0)
+        if row.get("accepted") and site in plan.perms and first.get(site) in calib and e_id > 0:
+            gains.append(((e_id - e_perm) / e_id, site))
+    out = []
+    for gain, site in sorted(gains, reverse=True)[:top]:
+        absmax = np.asarray(calib[first[site]].absmax, np.float64)
+        out.append({"site": site, "consumer": first[site], "gain": float(gain), "group": group,
+                    "kind": plan.sites[site].get("kind"), "act_absmax": absmax.tolist()})
+    return out
+
+
 def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
@@ -75,12 +146,24 @@ class QuantReport:
     seconds: float
     perms: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
     kept_16bit: list[dict[str, str]] = dataclasses.field(default_factory=list)  # see kept_16bit
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)  # see versions()
+    channel_stats: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @classmethod
     def build(
-        cls, model: nnx.Module, qmodel: nnx.Module, config: QuantConfig, plan: Plan, seconds: float
+        cls,
+        model: nnx.Module,
+        qmodel: nnx.Module,
+        config: QuantConfig,
+        plan: Plan,
+        seconds: float,
+        calib: Calibration | None = None,
     ) -> QuantReport:
+        """calib: the calibration the plan was made on; with it, the report keeps the channel
+        statistics of the most improved sites (`channel_stats`)."""
+        order = model_order(model)
         layers = [{"layer": p, **row} for p, row in plan.layers.items()]
+        layers.sort(key=lambda r: order.get(r["layer"], len(order)))  # model order
         sites = [{"site": s, **row} for s, row in plan.sites.items()]
         rtn = [r["err_rtn"] for r in layers if "err_rtn" in r]
         err = [r["err"] for r in layers if "err" in r]
@@ -98,6 +181,9 @@ class QuantReport:
             k: (list(v) if isinstance(v, tuple) else v)
             for k, v in dataclasses.asdict(config).items()
         }
+        fmt = config.act_format() or config.weight_format()
+        group = (fmt.group_size if fmt is not None else None) or 16
+        stats = [] if calib is None else channel_stats(plan, calib, layers, group)
         sizes = model_bytes(qmodel)
         sizes["compression_vs_bf16"] = sizes["bf16_bytes"] / max(sizes["quantized_bytes"], 1)
         return cls(
@@ -111,6 +197,8 @@ class QuantReport:
             seconds,
             perms=dict(plan.perms),
             kept_16bit=kept_16bit(qmodel, tuple(config.skip)),
+            versions=versions(),
+            channel_stats=stats,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,15 +208,18 @@ class QuantReport:
         }
 
     def save(self, out_dir: str | Path, plot: bool = True) -> Path:
-        """report.json, perms.npz (accepted orders per site) and layer_errors.png in out_dir."""
+        """report.json, perms.npz (accepted orders per site), index.html (the report page, see
+        `pqjax.eval.html`) and layer_errors.png in out_dir."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(self.to_dict(), indent=2, default=float))
         if self.perms:
             np.savez_compressed(out / "perms.npz", **self.perms)
         if plot and self.layers:
+            from pqjax.eval.html import run_page, write_page
             from pqjax.eval.plots import layer_error_bars
 
+            write_page(out / "index.html", run_page(self))
             layer_error_bars(
                 self.layers,
                 out / "layer_errors.png",

@@ -2,8 +2,9 @@
 
     results = compare(fp_pipe, calib, configs, EvalSpec.digits(per_digit=5), "out/report")
 
-Writes `metrics.json`, `summary.md`, one image grid per format (rows: full precision, then
-each method; columns share seeds) and the per-layer error plot of every run.
+Writes `index.html` (the report page, see `pqjax.eval.html`), `metrics.json`, `summary.md`,
+one image grid per format (rows: full precision, then each method; columns share seeds) and
+each run's own report folder.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from pqjax.api import quantize_pipeline
 from pqjax.calibrate import Calibration
+from pqjax.eval.html import ComparisonView, comparison_page, write_page
 from pqjax.eval.metrics import DigitMetrics, psnr
 from pqjax.eval.plots import image_grid
 from pqjax.pipelines.pipeline import Pipeline
@@ -66,28 +68,41 @@ def compare(
     *,
     digit_metrics: DigitMetrics | None = None,
     keep: dict[str, Pipeline] | None = None,
+    quantized: Mapping[str, Pipeline] | None = None,
 ) -> dict[str, Any]:
     """Quantize with each config, generate with the same seeds, score, and write the report.
 
     keep: if given, filled with run name -> quantized pipeline (e.g. to save one).
+    quantized: run name (`run_name(config)`) -> a pipeline already quantized with that config
+    (and the same calibration): used as it is, not quantized again; its report's time counts.
     """
+    quantized = dict(quantized or {})
+    for name, q in quantized.items():
+        if name not in {run_name(c) for c in configs}:
+            raise ValueError(f"compare: quantized={name!r} is not one of the configs' runs")
+        if q.report is None:
+            raise ValueError(f"compare: quantized[{name!r}] carries no quantization report")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     reference = generate(fp, spec)
+    count = {"n_images": len(spec.prompts), "seed": spec.seed}
     results: dict[str, Any] = {
         "full_precision": {
             **evaluate(reference, reference, spec, digit_metrics),
             "bytes": None,
             "bf16_bytes": None,
+            **count,
         },
     }
     images: dict[str, dict[str, np.ndarray]] = {}
+    by_run: dict[str, np.ndarray] = {}
+    reports: dict[str, Any] = {}
     for config in configs:
-        t0 = time.perf_counter()
-        q = quantize_pipeline(fp, calib, config)
-        seconds = time.perf_counter() - t0
-        imgs = generate(q, spec)
         name = run_name(config)
+        t0 = time.perf_counter()
+        q = quantized[name] if name in quantized else quantize_pipeline(fp, calib, config)
+        seconds = q.report.seconds if name in quantized else time.perf_counter() - t0
+        imgs = generate(q, spec)
         rep = q.report
         results[name] = {
             "label": config.label,
@@ -101,9 +116,12 @@ def compare(
             "sites_accepted": rep.summary["sites_accepted"],
             "n_sites": rep.summary["n_sites"],
             "quantize_seconds": seconds,
+            "reused": name in quantized,
+            **count,
         }
         rep.save(out / name)
         images.setdefault(config.label, {})[config.method] = imgs
+        by_run[name], reports[name] = imgs, rep
         if keep is not None:
             keep[name] = q
     n_cols = min(10, len(spec.prompts))
@@ -114,11 +132,27 @@ def compare(
         image_grid(rows, out / f"grid_{label.replace(' ', '_')}.png", labels=col_labels)
     (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "summary.md").write_text(summary_table(results) + "\n")
+    view = ComparisonView(results, reports, reference, by_run, captions=col_captions(spec),
+                          seed=spec.seed, num_steps=spec.num_steps)
+    write_page(out / "index.html", comparison_page(view))
     return results
 
 
+def col_captions(spec: EvalSpec) -> list[str]:
+    """A short caption per evaluation image: 'digit 7', else the prompt cut to 24 characters."""
+    if spec.labels is not None:
+        return [f"digit {d}" for d in spec.labels]
+    return [p if len(p) <= 24 else p[:23] + "…" for p in spec.prompts]
+
+
 def summary_table(results: dict[str, Any]) -> str:
-    """Markdown table of the runs (PSNR vs full precision, accuracy, Fréchet, size, time)."""
+    """Markdown table of the runs (PSNR vs full precision, accuracy, Fréchet, size, time),
+    under a caption with the number of images it was measured on."""
+    fp = results.get("full_precision", {})
+    caption = ""
+    if "n_images" in fp:
+        caption = (f"Comparison on {fp['n_images']} images per run (seed {fp['seed']}); its "
+                   "Fréchet figure depends on that count (the README's demo table uses 50).\n\n")
     has_digits = "accuracy" in results.get("full_precision", {})
     head = "| run | PSNR vs FP (dB) |" + (" accuracy | Fréchet |" if has_digits else "")
     head += " mean layer error (RTN) | size vs bf16 | quantize s |"
@@ -137,4 +171,4 @@ def summary_table(results: dict[str, Any]) -> str:
                 f" {r['compression_vs_bf16']:.2f}x smaller | {r['quantize_seconds']:.1f} |"
             )
         lines.append(row)
-    return "\n".join(lines)
+    return caption + "\n".join(lines)
