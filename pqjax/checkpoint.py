@@ -167,7 +167,8 @@ def _read_state(abstract: nnx.Module, where: Path) -> tuple[Any, dict[str, Any],
     except CheckpointError:
         raise
     except Exception as e:  # orbax raises many types, with a TensorStore spec as the message
-        first = (str(e).strip().splitlines() or [""])[0][:200]
+        first = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore")[0]
+        first = first[:200]
         raise CheckpointError(f"{where}: cannot be read ({type(e).__name__}: {first})") from e
     return graphdef, state, values
 
@@ -278,10 +279,10 @@ def _damaged_arrays(abstract: nnx.Module, where: Path, recorded: dict[str, str])
     try:
         values = _read_state(nnx.clone(abstract), where)[2]
     except CheckpointError:
-        return "its arrays cannot be read"
+        return "the transformer arrays cannot be read to tell which changed"
     diff = checksums.differing_arrays(flat(jax.device_get(values)), recorded)
     if not diff:
-        return "every array still reads as saved"
+        return "every transformer array still reads as saved"
     return f"arrays that differ: {', '.join(diff[:5])}" + (
         f" (and {len(diff) - 5} more)" if len(diff) > 5 else "")
 
