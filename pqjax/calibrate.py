@@ -8,13 +8,6 @@ the sum of x^2, the absmax and the row count in float32 (memory independent of t
 samples), and it keeps a uniform random sample of `n_rows` activation rows without
 replacement (bottom-k priority sampling: every row draws a uniform priority from a fixed-seed
 stream, the k smallest survive), which the acceptance rule evaluates errors on.
-
-Non-finite data stops calibration with a `NonFiniteCalibration` error naming the layer and
-the batch: a NaN or Inf parameter (checked once, before any batch), a batch input holding NaN
-or Inf, or a layer input that is non-finite or so large that its sum of x^2 overflows float32.
-Each observer keeps a sticky status flag and the reading of a call counter shared by all
-observers at its first bad call, so the layer named is the first one, in execution order, that
-saw bad data; the host reads the flags once per batch.
 """
 
 from __future__ import annotations
@@ -37,7 +30,15 @@ class Stat(nnx.Variable):
 
 
 class NonFiniteCalibration(ValueError):
-    """Calibration met NaN or Inf (or an overflowing x^2); the message names layer and batch."""
+    """Calibration met NaN or Inf (or an overflowing x^2); the message names layer and batch.
+
+    Raised for a NaN or Inf parameter (checked once, before any batch), a batch input holding
+    NaN or Inf, or a layer input that is non-finite or so large that its sum of x^2 overflows
+    float32: one such value would make act_global_scale NaN and every quantized output NaN.
+    Each observer keeps a sticky status and the reading, at its first bad call, of a call
+    counter all observers share, so the layer named is the first in execution order to see
+    bad data; the host reads the flags once per batch.
+    """
 
 
 # ChannelObserver.status codes

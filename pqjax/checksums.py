@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import os
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +44,20 @@ def array_sha256(x: Any) -> str:
     return h.hexdigest()
 
 
+def _sha256_all(paths: Iterable[Path]) -> list[str]:
+    """sha256 of each file, on threads: hashlib releases the GIL, so this scales with cores."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(file_sha256, paths))
+
+
 def file_digests(root: Path) -> dict[str, dict[str, Any]]:
     """{relative posix path: {"size", "sha256"}} of every file under `root`, but CHECKSUMS."""
-    out = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = path.relative_to(root).as_posix()
-        if rel != CHECKSUMS:
-            out[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
-    return out
+    paths = sorted(p for p in root.rglob("*")
+                   if p.is_file() and p.relative_to(root).as_posix() != CHECKSUMS)
+    return {
+        p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": h}
+        for p, h in zip(paths, _sha256_all(paths), strict=True)
+    }
 
 
 def write(root: Path, arrays: Mapping[str, Mapping[str, str]]) -> None:
@@ -81,16 +89,21 @@ def load(root: Path) -> dict[str, Any]:
 def damaged_files(root: Path, recorded: dict[str, Any]) -> list[tuple[str, str]]:
     """[(relative path, "missing" | "size ..." | "content differs")] for every recorded file
     that is not as saved; sizes are compared first, so a truncated file is found unread."""
-    bad = []
+    bad, to_hash = [], []
     for rel, want in recorded["files"].items():
         path = root / rel
         if ".." in Path(rel).parts or not path.is_file():
             bad.append((rel, "missing"))
         elif path.stat().st_size != want["size"]:
             bad.append((rel, f"{path.stat().st_size} bytes, {want['size']} when saved"))
-        elif file_sha256(path) != want["sha256"]:
-            bad.append((rel, "content differs from its recorded sha256"))
-    return bad
+        else:
+            to_hash.append(rel)
+    digests = _sha256_all(root / rel for rel in to_hash)
+    bad += [(rel, "content differs from its recorded sha256")
+            for rel, h in zip(to_hash, digests, strict=True)
+            if h != recorded["files"][rel]["sha256"]]
+    order = {rel: i for i, rel in enumerate(recorded["files"])}
+    return sorted(bad, key=lambda b: order[b[0]])
 
 
 def differing_arrays(values: Mapping[str, Any], recorded: Mapping[str, str]) -> list[str]:
