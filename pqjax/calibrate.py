@@ -162,7 +162,7 @@ def calibrate(
 
     @nnx.jit
     def step(m: nnx.Module, batch: dict[str, Any]) -> tuple[Any, jax.Array, jax.Array]:
-        inputs_ok = {k: jnp.isfinite(v).all() for k, v in batch.items() if _is_float(v)}
+        inputs_ok = {k: _all_finite(v) for k, v in batch.items()}
         fwd(m, **batch)
         observers = [lin.observer for _, lin in linears(m) if lin.observer is not None]
         return (inputs_ok, jnp.stack([o.status[...] for o in observers]),
@@ -199,6 +199,12 @@ def calibrate(
 
 def _is_float(x: Any) -> bool:
     return x is not None and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def _all_finite(value: Any) -> jax.Array:
+    """Is every float array in `value` (an array, a tuple of arrays, None...) finite."""
+    return jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(value) if _is_float(x)],
+                     bool).all()
 
 
 @jax.jit

@@ -160,3 +160,10 @@ def test_the_clean_chain_quantizes_to_finite_outputs(chain):
     qmodel, _ = pqjax.quantize(chain, calib, config)
     y = jax.jit(lambda m, x: m(x))(qmodel, batches()[0]["x"])
     assert np.isfinite(np.asarray(y)).all()
+
+
+def test_a_nan_inside_a_tuple_input_is_named(chain):
+    # streaming calibrates blocks on (cos, sin) rotary tuples: every float leaf is checked
+    data = [dict(b, rope=(jnp.ones(3), jnp.array([0.0, np.nan]))) for b in batches(n=1)]
+    with pytest.raises(NonFiniteCalibration, match=r"batch 0: input 'rope' holds NaN"):
+        calibrate(chain, data, n_rows=4, progress=False, forward=lambda m, x, rope: m(x))
