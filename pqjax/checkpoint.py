@@ -188,7 +188,7 @@ def restore(ckpt_dir: str | os.PathLike, *, backend: str = "xla") -> Pipeline:
     """
     from pqjax.layers import set_backend
 
-    root = Path(ckpt_dir)
+    root = Path(ckpt_dir).expanduser().resolve()  # orbax reads no metadata from relative paths
     meta = _read_meta(root)
     abstract = _abstract_transformer(meta, str(root / META))
     dropped = _verify(root, meta, abstract)
