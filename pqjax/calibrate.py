@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -30,6 +31,22 @@ from pqjax.models.layers import Linear
 
 class Stat(nnx.Variable):
     """Calibration state (not a parameter): never exported, never quantized."""
+
+
+class NonFiniteCalibration(ValueError):
+    """Calibration met NaN or Inf (or an overflowing x^2); the message names layer and batch.
+
+    Raised for a NaN or Inf parameter (checked once, before any batch), a batch input holding
+    NaN or Inf, or a layer input that is non-finite or so large that its sum of x^2 overflows
+    float32: one such value would make act_global_scale NaN and every quantized output NaN.
+    Each observer keeps a sticky status and the reading, at its first bad call, of a call
+    counter all observers share, so the layer named is the first in execution order to see
+    bad data; the host reads the flags once per batch.
+    """
+
+
+# ChannelObserver.status codes
+FINITE, NONFINITE_INPUT, SUM_SQ_OVERFLOW = 0, 1, 2
 
 
 class ChannelObserver(nnx.Module):
@@ -48,6 +65,9 @@ class ChannelObserver(nnx.Module):
         self.calls = Stat(jnp.zeros((), jnp.uint32))
         self.key = Stat(key)
         self.batch_absmax = Stat(jnp.zeros((track_batches, d_in), jnp.float32))
+        self.status = Stat(jnp.zeros((), jnp.int32))  # FINITE until the first bad call
+        self.bad_tick = Stat(jnp.full((), -1, jnp.int32))  # the shared clock at that call
+        self.clock = nnx.data(None)  # a Stat shared by every observer: counts their calls
 
     def __call__(self, x: jax.Array) -> None:
         rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
@@ -58,12 +78,29 @@ class ChannelObserver(nnx.Module):
             self.batch_absmax[...] = self.batch_absmax[...].at[self.calls[...]].set(
                 call_absmax, mode="drop")
         self.count[...] += rows.shape[0]
+        self._check(call_absmax)
         prio = jax.random.uniform(jax.random.fold_in(self.key[...], self.calls[...]), (len(rows),))
         self.calls[...] += 1
         all_prio = jnp.concatenate([self.priority[...], prio])
         keep = jax.lax.top_k(-all_prio, self.rows.shape[0])[1]
         self.rows[...] = jnp.concatenate([self.rows[...], rows])[keep]
         self.priority[...] = all_prio[keep]
+
+
+    def _check(self, call_absmax: jax.Array) -> None:
+        """Record the first call whose rows held NaN/Inf (max propagates them) or that made
+        the running sum of x^2 overflow; two reductions of (d_in,) vectors."""
+        status = jnp.where(
+            ~jnp.isfinite(call_absmax).all(), NONFINITE_INPUT,
+            jnp.where(~jnp.isfinite(self.sum_sq[...]).all(), SUM_SQ_OVERFLOW, FINITE),
+        )
+        tick = jnp.asarray(-1, jnp.int32)
+        if self.clock is not None:
+            tick = self.clock[...]
+            self.clock[...] += 1
+        first = (self.status[...] == FINITE) & (status != FINITE)
+        self.bad_tick[...] = jnp.where(first, tick, self.bad_tick[...])
+        self.status[...] = jnp.where(first, status, self.status[...])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,14 +159,23 @@ def calibrate(
         _shard_model(model, mesh, shard_weights)
         batches = (_shard_batch(b, mesh) for b in batches)
 
+    clock = Stat(jnp.zeros((), jnp.int32))
+    for _, lin in targets:
+        lin.observer.clock = clock
+
     @nnx.jit
-    def step(m: nnx.Module, batch: dict[str, Any]) -> None:
+    def step(m: nnx.Module, batch: dict[str, Any]) -> tuple[Any, jax.Array, jax.Array]:
+        inputs_ok = {k: _all_finite(v) for k, v in batch.items()}
         fwd(m, **batch)
+        observers = [lin.observer for _, lin in linears(m) if lin.observer is not None]
+        return (inputs_ok, jnp.stack([o.status[...] for o in observers]),
+                jnp.stack([o.bad_tick[...] for o in observers]))
 
     try:
+        _check_parameters(model)
         n = 0
         for batch in tqdm(batches, desc="calibrate", unit="batch", disable=not progress):
-            step(model, batch)
+            _raise_if_bad(n, *jax.device_get(step(model, batch)), [p for p, _ in targets])
             n += 1
         if n == 0:
             raise ValueError("calibrate: no calibration batches were given")
@@ -152,6 +198,58 @@ def calibrate(
     finally:
         for _, lin in targets:
             lin.observer = None
+
+
+def _is_float(x: Any) -> bool:
+    return x is not None and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def _all_finite(value: Any) -> jax.Array:
+    """Is every float array in `value` (an array, a tuple of arrays, None...) finite."""
+    return jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(value) if _is_float(x)],
+                     bool).all()
+
+
+@jax.jit
+def _params_finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.stack([jnp.isfinite(x).all() for x in leaves])
+
+
+def _check_parameters(model: nnx.Module) -> None:
+    """Refuse a model whose float parameters hold NaN or Inf, naming the first one."""
+    flat = [(".".join(str(k) for k in path), v.get_value())
+            for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    flat = [(name, x) for name, x in flat if _is_float(x)]
+    if not flat:
+        return
+    ok = np.asarray(_params_finite([x for _, x in flat]))
+    if not ok.all():
+        bad = [name for (name, _), good in zip(flat, ok, strict=True) if not good]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise NonFiniteCalibration(f"calibrate: parameter {bad[0]} holds NaN or Inf{more}; "
+                                   "calibration needs a finite model")
+
+
+def _raise_if_bad(n: int, inputs_ok: dict[str, Any], status: np.ndarray, ticks: np.ndarray,
+                  paths: list[str]) -> None:
+    """Stop at batch `n` if an input or an observed layer input was not finite."""
+    bad_inputs = [k for k, ok in inputs_ok.items() if not ok]
+    if bad_inputs:
+        raise NonFiniteCalibration(
+            f"calibrate: batch {n}: input {bad_inputs[0]!r} holds NaN or Inf; clean or drop "
+            "that batch"
+        )
+    if not status.any():
+        return
+    bad = np.flatnonzero(status)
+    first = bad[np.argmin(ticks[bad])]  # the first observer, in execution order, to see it
+    what = ("holds NaN or Inf" if status[first] == NONFINITE_INPUT
+            else "is so large that its sum of x^2 overflows float32")
+    others = f"; {len(bad) - 1} later layers saw it too" if len(bad) > 1 else ""
+    raise NonFiniteCalibration(
+        f"calibrate: batch {n}: the input of {paths[first]} {what} (the first layer to see it, "
+        f"in execution order{others}); a parameter upstream or the batch overflows"
+    )
 
 
 def _shard_batch(batch: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str, Any]:

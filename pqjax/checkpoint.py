@@ -7,6 +7,12 @@ The transformer's state (packed codes, scales in their own dtypes, absorbed perm
 16-bit parameters) goes through orbax; `pqjax_checkpoint.json` records the model config, the
 quantization config and the quantized layout, from which restore builds the abstract target.
 A checkpoint whose arrays differ in dtype or shape from that target is refused, never cast.
+
+Integrity: `checksums.json` (written last) records the size and sha256 of every file and the
+sha256 of every transformer array. Restore verifies every file before reading any, and names
+the damaged or missing file and the arrays it changed; a damaged optional report is dropped
+with a warning. An existing checkpoint is replaced atomically (`pqjax.atomic_dir`); a folder
+that is not a pqjax checkpoint is never replaced.
 """
 
 from __future__ import annotations
@@ -16,30 +22,26 @@ import importlib.metadata
 import json
 import os
 import shutil
-import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from convert import registry
-from pqjax import formats
-from pqjax.layers import QuantLinear, QuantState
-from pqjax.models.layers import Linear, Permutation
-from pqjax.permute.absorb import module_at
+from pqjax import checksums
+from pqjax.atomic_dir import clean_leftovers, leftovers, replace_dir, temp_sibling
+from pqjax.checkpoint_layout import apply_layout, check_against_target, flat, module_layout
+from pqjax.errors import CheckpointError  # the one class convert raises too
 from pqjax.pipelines.flow import FlowMatchEuler
 from pqjax.pipelines.pipeline import Pipeline, SamplingDefaults
-from pqjax.quantize import QuantConfig, set_module
+from pqjax.quantize import QuantConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksums.json; version 1 (no checksums) is read with a warning
 META = "pqjax_checkpoint.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that is not what it claims to be (names the file or key)."""
+OPTIONAL = ("report/",)  # derived files: damaged ones are dropped with a warning
 
 
 def _versions() -> dict[str, str]:
@@ -52,60 +54,22 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def format_spec(fmt: formats.Format | None) -> dict[str, Any] | None:
-    if fmt is None:
-        return None
-    spec = {"name": fmt.name}
-    for key in ("group", "scaling"):
-        if hasattr(fmt, key):
-            spec[key] = getattr(fmt, key)
-    return spec
-
-
-def format_from_spec(spec: dict[str, Any] | None) -> formats.Format | None:
-    if spec is None:
-        return None
-    return formats.get(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
-
-
-def module_layout(model: nnx.Module) -> tuple[dict[str, Any], dict[str, int]]:
-    """(quantized layers, absorbed norm permutations) of `model`, by dotted path: what an
-    abstract twin needs to hold the same state."""
-    layers, perms = {}, {}
-    for path, node in nnx.iter_graph(model):
-        name = ".".join(str(p) for p in path)
-        if isinstance(node, QuantLinear):
-            layers[name] = {
-                "in_features": node.in_features,
-                "out_features": node.out_features,
-                "bias": node.bias is not None,
-                "dtype": jnp.dtype(node.dtype).name,
-                "weights": format_spec(node.weight_fmt),
-                "acts": format_spec(node.act_fmt),
-                "act_global_scale": node.act_global_scale is not None,
-                "input_scale": node.input_scale is not None,
-                "low_rank": None
-                if node.low_rank_down is None
-                else int(node.low_rank_down.get_value().shape[1]),
-                "input_transform": node.input_transform,
-            }
-        elif getattr(node, "perm", None) is not None and isinstance(node.perm, Permutation):
-            perms[name] = int(node.perm.shape[0])
-    return layers, perms
-
-
 def state_dict(model: nnx.Module) -> dict[str, Any]:
     return nnx.to_pure_dict(nnx.state(model))
 
 
 def save(pipe: Pipeline, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write `pipe` to `out_dir` atomically (temporary folder, then rename)."""
+    """Write `pipe` to `out_dir` atomically: into a temporary sibling folder, checksummed,
+    then renamed in. overwrite: replace an existing pqjax checkpoint (never another folder)."""
     import orbax.checkpoint as ocp
 
     out = Path(out_dir).resolve()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    if out.exists():
+        _check_replaceable(out)
+    clean_leftovers(out)
+    tmp = temp_sibling(out)
     tmp.mkdir(parents=True)
     try:
         model = pipe.transformer
@@ -128,8 +92,9 @@ def save(pipe: Pipeline, out_dir: str | os.PathLike, *, overwrite: bool = False)
             "norm_perms": perms,
             "pipeline": _pipeline_meta(pipe),
         }
+        state = state_dict(model)
         ckptr = ocp.StandardCheckpointer()
-        ckptr.save(tmp / "transformer", state_dict(model))
+        ckptr.save(tmp / "transformer", state)
         ckptr.wait_until_finished()
         if hasattr(pipe, "save_parts"):  # SANA, Z-Image: the pipeline writes its own parts
             pipe.save_parts(tmp / "pipeline")
@@ -139,13 +104,24 @@ def save(pipe: Pipeline, out_dir: str | os.PathLike, *, overwrite: bool = False)
         if pipe.report is not None:
             pipe.report.save(tmp / "report")
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        digests = {k: checksums.array_sha256(v) for k, v in flat(jax.device_get(state)).items()}
+        checksums.write(tmp, {"transformer": digests})  # last: a folder with it is complete
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse to replace anything but a pqjax checkpoint (or an empty folder)."""
+    if not out.is_dir():
+        raise CheckpointError(f"{out} is a file, not a pqjax checkpoint; refusing to replace it")
+    if not (out / META).is_file() and any(out.iterdir()):
+        raise CheckpointError(
+            f"{out} is not a pqjax checkpoint (no {META}); refusing to replace it, which "
+            "would delete its files"
+        )
 
 
 def _abstract_transformer(meta: dict[str, Any], source: str) -> nnx.Module:
@@ -157,127 +133,70 @@ def _abstract_transformer(meta: dict[str, Any], source: str) -> nnx.Module:
     return apply_layout(model, meta["quantized_layers"], meta["norm_perms"])
 
 
-def apply_layout(model: nnx.Module, layers: dict[str, Any], perms: dict[str, int]) -> nnx.Module:
-    """Give an abstract full-precision `model` the structure `module_layout` recorded."""
-    for path, dim in perms.items():
-        module_at(model, path).perm = Permutation(jax.ShapeDtypeStruct((dim,), jnp.int32))
-    for path, lay in layers.items():
-        set_module(model, path, _abstract_quant_linear(lay))
-    return model
-
-
-def _abstract_quant_linear(lay: dict[str, Any]) -> QuantLinear:
-    wfmt, afmt = format_from_spec(lay["weights"]), format_from_spec(lay["acts"])
-    dtype = jnp.dtype(lay["dtype"])
-
-    def build() -> QuantLinear:
-        lin = Linear(
-            lay["in_features"],
-            lay["out_features"],
-            use_bias=lay["bias"],
-            dtype=dtype,
-            rngs=nnx.Rngs(0),
-        )
-        q = QuantLinear.from_linear(
-            lin, weights=wfmt, acts=afmt, act_amax=1.0 if lay["act_global_scale"] else None
-        )
-        if lay["input_scale"]:
-            q.input_scale = QuantState(jnp.zeros((lay["in_features"],), dtype))
-        if lay["low_rank"]:
-            r = lay["low_rank"]
-            q.low_rank_down = QuantState(jnp.zeros((lay["in_features"], r), dtype))
-            q.low_rank_up = QuantState(jnp.zeros((r, lay["out_features"]), dtype))
-        return q
-
-    q = nnx.eval_shape(build)
-    q.input_transform = lay["input_transform"]
-    return q
-
-
-def _flat(tree: Any) -> dict[str, Any]:
-    """Leaves by dotted path; orbax stores integer (list-index) keys as strings."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        out[".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = leaf
-    return out
-
-
-def _check_against_target(ckpt_meta: Any, target: dict[str, Any], where: Path) -> None:
-    """Refuse arrays whose shape or dtype differ from the layout the metadata records."""
-    stored, wanted = _flat(ckpt_meta), _flat(target)
-    for key, want in wanted.items():
-        got = stored.get(key)
-        if got is None:
-            raise CheckpointError(f"{where}: no array for {key}")
-        if tuple(got.shape) != tuple(want.shape) or np.dtype(got.dtype) != np.dtype(want.dtype):
-            raise CheckpointError(
-                f"{where}: {key} is {np.dtype(got.dtype)} {tuple(got.shape)}, the recorded layout "
-                f"expects {np.dtype(want.dtype)} {tuple(want.shape)}"
-            )
-    extra = sorted(set(stored) - set(wanted))
-    if extra:
-        raise CheckpointError(f"{where}: arrays the recorded layout does not know: {extra[:5]}")
-
-
 def save_state(model: nnx.Module, path: Path) -> None:
     """Orbax-save `model`'s state to `path` (written to a temporary name, then renamed)."""
     import orbax.checkpoint as ocp
 
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(tmp, state_dict(model))
-    ckptr.wait_until_finished()
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    tmp = temp_sibling(path)
+    try:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp, state_dict(model))
+        ckptr.wait_until_finished()
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
-def restore_state(abstract: nnx.Module, where: Path) -> nnx.Module:
-    """Fill the abstract `abstract` from an orbax state at `where`; refuses dtype/shape drift."""
+def _read_state(abstract: nnx.Module, where: Path) -> tuple[Any, dict[str, Any], Any]:
+    """(graphdef, state, restored pure dict) of the orbax state at `where`."""
     import orbax.checkpoint as ocp
 
+    if not (where / "manifest.ocdbt").is_file():
+        raise CheckpointError(f"{where / 'manifest.ocdbt'} is missing: no arrays can be read")
     graphdef, state = nnx.split(abstract)
     target = nnx.to_pure_dict(state)
     ckptr = ocp.StandardCheckpointer()
     try:
         stored = ckptr.metadata(where)
         stored = getattr(stored, "item_metadata", stored)
-        _check_against_target(stored, target, where)
+        check_against_target(stored, target, where)
         values = ckptr.restore(where, target)
     except CheckpointError:
         raise
-    except Exception as e:  # orbax raises many types for missing or damaged files
-        raise CheckpointError(f"{where}: cannot be read ({type(e).__name__}: {e})") from e
+    except Exception as e:  # orbax raises many types, with a TensorStore spec as the message
+        first = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore")[0]
+        first = first[:200]
+        raise CheckpointError(f"{where}: cannot be read ({type(e).__name__}: {first})") from e
+    return graphdef, state, values
+
+
+def restore_state(abstract: nnx.Module, where: Path) -> nnx.Module:
+    """Fill the abstract `abstract` from an orbax state at `where`; refuses dtype/shape drift."""
+    graphdef, state, values = _read_state(abstract, where)
     nnx.replace_by_pure_dict(state, values)
     return nnx.merge(graphdef, state)
 
 
 def restore(ckpt_dir: str | os.PathLike, *, backend: str = "xla") -> Pipeline:
-    """Rebuild a pipeline saved by `save` (no torch, diffusers or original weights needed)."""
+    """Rebuild a pipeline saved by `save` (no torch, diffusers or original weights needed).
+
+    Every file is checked against checksums.json first: a missing or damaged file is a
+    CheckpointError naming it (and the transformer arrays it changed), before anything loads.
+    """
     from pqjax.layers import set_backend
-    from pqjax.report import QuantReport
 
     root = Path(ckpt_dir).expanduser().resolve()  # orbax reads no metadata from relative paths
-    meta_path = root / META
-    try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{root} is not a pqjax checkpoint: {META} is missing") from e
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{meta_path}: corrupted ({e})") from e
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{meta_path}: format_version {meta.get('format_version')!r}, "
-            f"this pqjax reads {FORMAT_VERSION}"
-        )
-    model = restore_state(_abstract_transformer(meta, str(meta_path)), root / "transformer")
+    meta = _read_meta(root)
+    abstract = _abstract_transformer(meta, str(root / META))
+    dropped = _verify(root, meta, abstract)
+    model = restore_state(abstract, root / "transformer")
     set_backend(model, backend)
     p = meta["pipeline"]
     qc = meta["quant_config"]
     config = None if qc is None else _quant_config(qc)
-    report_path = root / "report" / "report.json"
-    report = QuantReport.load(report_path) if report_path.is_file() else None
-    if "kind" in p:
+    report = None if dropped else _load_report(root / "report" / "report.json")
+    if "kind" in p:  # SANA, Z-Image: the pipeline reads its own parts
         return _component(p["kind"]).load_parts(root / "pipeline", model, source=meta["source"],
                                                 quant_config=config, report=report)
     return Pipeline(
@@ -290,6 +209,99 @@ def restore(ckpt_dir: str | os.PathLike, *, backend: str = "xla") -> Pipeline:
         quant_config=config,
         report=report,
     )
+
+
+def _read_meta(root: Path) -> dict[str, Any]:
+    meta_path = root / META
+    if not root.exists():
+        raise CheckpointError(f"{root} does not exist{_interrupted(root)}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{root} is not a pqjax checkpoint: {META} is missing") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta_path}: corrupted ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format_version") not in (1, FORMAT_VERSION):
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise CheckpointError(
+            f"{meta_path}: format_version {version!r}, this pqjax reads 1 and {FORMAT_VERSION}"
+        )
+    if leftovers(root):
+        warnings.warn(f"{root}: an interrupted save left {_names(leftovers(root))}; the next "
+                      "save there removes them", stacklevel=3)
+    return meta
+
+
+def _interrupted(root: Path) -> str:
+    """What an interrupted save left in place of `root`, and how to recover it."""
+    found = leftovers(root)
+    if not found:
+        return ""
+    complete = [p for p in found if ".tmp-" in p.name and (p / checksums.CHECKSUMS).is_file()]
+    old = [p for p in found if ".old-" in p.name]
+    hint = f"; rename {complete[0]} to {root} to use the new one" if complete else ""
+    return f"; an interrupted save left {_names(found)} beside it" + (
+        hint or (f"; {old[0]} holds the previous checkpoint" if old else ""))
+
+
+def _names(paths: list[Path]) -> str:
+    return ", ".join(p.name for p in paths)
+
+
+def _verify(root: Path, meta: dict[str, Any], abstract: nnx.Module) -> bool:
+    """Check every file against checksums.json. Returns True when only the optional report is
+    damaged (it is then dropped with a warning); raises CheckpointError for anything else."""
+    if meta["format_version"] == 1:
+        warnings.warn(f"{root}: format_version 1 has no checksums; restored unverified "
+                      "(save it again to add them)", stacklevel=3)
+        return False
+    recorded = checksums.load(root)
+    bad = checksums.damaged_files(root, recorded)
+    fatal = [(f, why) for f, why in bad if not f.startswith(OPTIONAL)]
+    if fatal:
+        f, why = fatal[0]
+        more = f" (and {len(fatal) - 1} more: {', '.join(g for g, _ in fatal[1:4])})" \
+            if len(fatal) > 1 else ""
+        arrays = ""
+        if any(g.startswith("transformer/") for g, _ in fatal):
+            arrays = "; " + _damaged_arrays(abstract, root / "transformer",
+                                             recorded["arrays"].get("transformer", {}))
+        raise CheckpointError(
+            f"{root}: damaged checkpoint: {f}: {why}{more}{arrays} (checked against "
+            f"{checksums.CHECKSUMS})"
+        )
+    if bad:
+        warnings.warn(f"{root}: {bad[0][0]}: {bad[0][1]}; restoring without the report",
+                      stacklevel=3)
+    return bool(bad)
+
+
+def _damaged_arrays(abstract: nnx.Module, where: Path, recorded: dict[str, str]) -> str:
+    """Which arrays a damaged transformer file changed, read despite the damage if orbax can."""
+    try:
+        values = _read_state(nnx.clone(abstract), where)[2]
+    except CheckpointError:
+        return "the transformer arrays cannot be read to tell which changed"
+    diff = checksums.differing_arrays(flat(jax.device_get(values)), recorded)
+    if not diff:
+        return "every transformer array still reads as saved"
+    return f"arrays that differ: {', '.join(diff[:5])}" + (
+        f" (and {len(diff) - 5} more)" if len(diff) > 5 else "")
+
+
+def _load_report(path: Path) -> Any:
+    """The report at `path`, or None (with a warning naming it) if it is missing or unreadable:
+    it describes the quantization but is not needed to run the model."""
+    from pqjax.report import QuantReport
+
+    if not path.is_file():
+        return None
+    try:
+        return QuantReport.load(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        warnings.warn(f"{path}: unreadable ({type(e).__name__}: {e}); restoring without the "
+                      "report", stacklevel=3)
+        return None
 
 
 def _quant_config(raw: dict[str, Any]) -> QuantConfig:

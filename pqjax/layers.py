@@ -36,6 +36,23 @@ def quantize_weight(kernel: jax.Array, fmt: formats.Format) -> formats.QTensor:
     return fmt.quantize(kernel.T.astype(jnp.float32))
 
 
+@jax.jit
+def _all_finite(arrays: tuple[jax.Array, ...]) -> jax.Array:
+    """(len(arrays),) bool: does each array hold only finite values (one device sync)."""
+    return jnp.stack([jnp.isfinite(a.astype(jnp.float32)).all() for a in arrays])
+
+
+@jax.jit
+def _represented_max(kernel: jax.Array, qt: formats.QTensor) -> jax.Array:
+    """(max |kernel|, max |dequantized weight|), float32, to see a saturated block scale."""
+    dq = qt.dequantize(jnp.float32)
+    return jnp.stack([jnp.max(jnp.abs(kernel.astype(jnp.float32))), jnp.max(jnp.abs(dq))])
+
+
+def _concrete(*xs: Any) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
 class QuantState(nnx.Variable):
     """Packed quantized storage (codes, scales): saved and restored, never trained."""
 
@@ -102,16 +119,26 @@ class QuantLinear(nnx.Module):
     ) -> QuantLinear:
         """Quantize `linear` (or `kernel`, a transformed `(d_in, d_out)` replacement)."""
         k = linear.kernel[...] if kernel is None else kernel
-        if not isinstance(k, jax.core.Tracer) and not bool(jnp.isfinite(k).all()):
+        bias = None if linear.bias is None else linear.bias[...]
+        if _concrete(k) and not bool(jnp.isfinite(k).all()):
             raise ValueError(
                 f"{weights.name}: a ({k.shape[0]}, {k.shape[1]}) kernel holds NaN "
                 "or Inf; quantization needs finite weights"
             )
+        if bias is not None and _concrete(bias) and not bool(jnp.isfinite(bias).all()):
+            raise ValueError(f"the ({bias.shape[0]},) bias holds NaN or Inf")
         qt = quantize_weight(k, weights)
+        if _concrete(k):
+            _check_represented(k, qt, weights)
         gs = None
         if acts is not None and acts.name == "nvfp4" and act_amax is not None:
-            gs = formats.nvfp4_global_scale(jnp.asarray(act_amax, jnp.float32))
-        bias = None if linear.bias is None else linear.bias[...]
+            amax = jnp.asarray(act_amax, jnp.float32)
+            gs = formats.nvfp4_global_scale(amax)
+            if _concrete(gs) and not bool(jnp.isfinite(gs)):
+                raise ValueError(
+                    f"act_global_scale is {float(gs)} (calibrated input absmax {float(amax)}); "
+                    "it needs finite activation statistics"
+                )
         return cls(
             linear.in_features,
             linear.out_features,
@@ -122,6 +149,21 @@ class QuantLinear(nnx.Module):
             backend=backend,
             dtype=linear.kernel[...].dtype,
         )
+
+    def nonfinite_state(self) -> list[str]:
+        """Names of the stored arrays (scales, bias, extras) holding NaN or Inf; [] if none.
+
+        Codes are integers; a non-finite scale, bias or 16-bit extra would make every output
+        of the layer NaN or Inf, whatever its input.
+        """
+        names = ["block_scale", "global_scale", "act_global_scale", "bias", "input_scale",
+                 "low_rank_down", "low_rank_up"]
+        held = [(n, getattr(self, n)) for n in names if getattr(self, n) is not None]
+        arrays = tuple(v[...] for _, v in held)
+        if not arrays or not _concrete(*arrays):
+            return []
+        ok = np.asarray(_all_finite(arrays))
+        return [n for (n, _), good in zip(held, ok, strict=True) if not good]
 
     def weight(self) -> formats.QTensor:
         """The packed weight as a QTensor `(d_out, d_in)`."""
@@ -198,6 +240,26 @@ class QuantLinear(nnx.Module):
         for v in (self.input_scale, self.low_rank_down, self.low_rank_up):
             total += 0 if v is None else v[...].nbytes
         return total
+
+
+def _check_represented(kernel: jax.Array, qt: formats.QTensor, fmt: formats.Format) -> None:
+    """Refuse a weight whose quantization overflowed: a non-finite scale, or a largest
+    weight the format cannot reach because its block scale saturated (an INT block scale is
+    float16: max |w| above qmax * 65504 is clipped silently).
+
+    Rounding the scale of the largest block loses at most a quarter of its maximum (MXFP4's
+    power-of-two scale s maps a block max between 4s and 8s to 6s; NVFP4 and INT lose far
+    less), so a represented maximum below half the true one can only come from saturation.
+    """
+    scales = (qt.block_scale,) + (() if qt.global_scale is None else (qt.global_scale,))
+    if not bool(np.asarray(_all_finite(scales)).all()):
+        raise ValueError(f"{fmt.name}: the quantized weight's scales hold NaN or Inf")
+    w_max, dq_max = (float(v) for v in np.asarray(_represented_max(kernel, qt)))
+    if not np.isfinite(dq_max) or dq_max < 0.5 * w_max:
+        raise ValueError(
+            f"{fmt.name}: the weight's largest magnitude {w_max:.4g} overflows the format "
+            f"(it quantizes to {dq_max:.4g}); rescale the layer or keep it in 16-bit"
+        )
 
 
 def set_backend(model: nnx.Module, backend: str) -> nnx.Module:

@@ -297,6 +297,9 @@ def quantize(
         if "input_scale" in extras:
             q.input_scale = QuantState(jnp.asarray(extras["input_scale"], q.dtype))
         q.input_transform = extras.get("input_transform")
+        bad = q.nonfinite_state()
+        if bad:  # one NaN scale or bias makes every output of the model NaN
+            raise ValueError(f"{path}: the quantized layer's {', '.join(bad)} hold NaN or Inf")
         set_module(qmodel, path, q)
     seconds = time.perf_counter() - t0
     report = QuantReport.build(model, qmodel, config, plan, seconds, calib=calib)
