@@ -27,6 +27,7 @@ from pqjax.models.gemma2 import Gemma2Model
 from pqjax.models.lm_prompts import SANA_MAX_SEQUENCE_LENGTH, sana_encode_prompt
 from pqjax.models.lm_tokenizer import LMTokenizer
 from pqjax.pipelines.components import load_lm_parts, read_json_object, save_lm_parts
+from pqjax.pipelines.pipeline import SamplingDefaults
 from pqjax.pipelines.sana import DEFAULT_GUIDANCE, DEFAULT_STEPS, SanaSchedule, sana_sample
 
 
@@ -56,6 +57,14 @@ class SanaTextToImage:
     source: str = ""
     quant_config: Any = None
     report: Any = None
+
+    @property
+    def defaults(self) -> SamplingDefaults:
+        """The sampling defaults in the FLUX pipeline's terms (what the CLI prints)."""
+        return SamplingDefaults(num_inference_steps=self.num_steps, guidance_scale=self.guidance,
+                                height=self.height, width=self.width,
+                                latent_channels=self.transformer.config.in_channels,
+                                vae_scale_factor=self.vae_scale_factor)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -95,8 +104,10 @@ class SanaTextToImage:
                        num_steps: int | None = None, guidance: float | None = None,
                        height: int | None = None, width: int | None = None,
                        latents: jax.Array | None = None,
-                       negative_prompt: str | Sequence[str] = "") -> jax.Array:
-        """Final latents `(b, 32, H/32, W/32)` float32, before decoding."""
+                       negative_prompt: str | Sequence[str] = "",
+                       progress: bool = False) -> jax.Array:
+        """Final latents `(b, 32, H/32, W/32)` float32, before decoding. `progress` is
+        accepted for the FLUX pipeline's signature; this loop has no per-step bar."""
         args, g = self._prepare(prompts, seed, num_steps, guidance, height, width, latents,
                                 negative_prompt)
         return sana_sample(*args, guidance_scale=g)

@@ -28,6 +28,7 @@ from pqjax.models.qwen3 import Qwen3Model
 from pqjax.models.vae import AutoencoderKL, latents_to_vae
 from pqjax.pipelines.components import load_lm_parts, read_json_object, save_lm_parts
 from pqjax.pipelines.flow import FlowMatchEuler
+from pqjax.pipelines.pipeline import SamplingDefaults
 from pqjax.pipelines.zimage import DEFAULT_STEPS, zimage_sample, zimage_schedule
 
 # Sampling settings a checkpoint keeps (the schedule is kept beside them).
@@ -50,6 +51,14 @@ class ZImageTextToImage:
     source: str = ""
     quant_config: Any = None
     report: Any = None
+
+    @property
+    def defaults(self) -> SamplingDefaults:
+        """The sampling defaults in the FLUX pipeline's terms (what the CLI prints)."""
+        return SamplingDefaults(num_inference_steps=self.num_steps, guidance_scale=self.guidance,
+                                height=self.height, width=self.width,
+                                latent_channels=self.transformer.config.in_channels,
+                                vae_scale_factor=self.vae_scale_factor)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -92,8 +101,10 @@ class ZImageTextToImage:
     def sample_latents(self, prompts: str | Sequence[str], *, seed: int = 0,
                        num_steps: int | None = None, guidance: float | None = None,
                        height: int | None = None, width: int | None = None,
-                       latents: jax.Array | None = None) -> jax.Array:
-        """Final latents `(b, 16, H/8, W/8)` float32, before decoding."""
+                       latents: jax.Array | None = None,
+                       progress: bool = False) -> jax.Array:
+        """Final latents `(b, 16, H/8, W/8)` float32, before decoding. `progress` is accepted
+        for the FLUX pipeline's signature; this loop has no per-step bar."""
         return zimage_sample(*self._prepare(prompts, seed, num_steps, guidance, height, width,
                                             latents))
 

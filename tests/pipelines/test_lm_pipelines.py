@@ -140,9 +140,15 @@ def _round_trip(qpipe, images, prompts, tmp_path, **kw):
     np.testing.assert_array_equal(back.generate(prompts, **kw), images)
 
 
-def test_sana_convert_and_quantize(tmp_path):
-    tiny_sana(tmp_path, SANA_QUANTIZABLE)
-    folder = tmp_path / "sana"
+@pytest.fixture(scope="module")
+def sana_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sana_q")
+    tiny_sana(root, SANA_QUANTIZABLE)
+    return root / "sana"
+
+
+def test_sana_convert_and_quantize(sana_folder, tmp_path):
+    folder = sana_folder
     pipe = pqjax.load_pipeline(folder)
     assert (pipe.height, pipe.width) == (32, 32)  # sample_size 8 x the DC-AE's factor 4
     batches = pipe.calibration_batches(PROMPTS[:2], num_steps=2)
@@ -163,3 +169,20 @@ def test_zimage_quantize_on_its_trajectories(tmp_path):
     qpipe = quantize_pipeline(pipe, calib, pqjax.QuantConfig())
     images = _check_quantized(qpipe, pipe, PROMPTS[2:], **kw)
     _round_trip(qpipe, images, PROMPTS[2:], tmp_path, **kw)
+
+
+def test_sana_through_the_cli(sana_folder, tmp_path):
+    """quantize -> generate -> report on a SanaPipeline folder, as a user runs them."""
+    from PIL import Image
+
+    from pqjax.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]) + "\n")
+    ckpt, image = tmp_path / "q", tmp_path / "fox.png"
+    assert main(["quantize", str(sana_folder), "--out", str(ckpt), "--no-compare",
+                 "--rows", "32", "--calib-prompts", str(prompts), "--no-compile-cache"]) == 0
+    assert main(["generate", str(ckpt), PROMPTS[0], "--steps", "2", "--out", str(image),
+                 "--no-compile-cache"]) == 0
+    assert Image.open(image).size == (32, 32)
+    assert main(["report", str(ckpt)]) == 0
