@@ -26,4 +26,4 @@ lint: $(STAMP)
 	$(BIN)/python -m ruff check .
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs .cache

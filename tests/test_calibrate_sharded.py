@@ -30,37 +30,51 @@ PROBE = textwrap.dedent(
     model = FluxTransformer2DModel(FluxConfig(**cfg), rngs=nnx.Rngs(0))
     batches = [{k: to_jax(v) for k, v in make_inputs(cfg, 8, 4, 4, 6, seed=s).items()}
                for s in range(3)]
-    mode = sys.argv[1]
-    mesh = None if mode == "single" else Mesh(np.array(jax.devices()), ("data",))
-    calib = calibrate(model, batches, n_rows=40, progress=False, mesh=mesh,
-                      shard_weights=(mode == "fsdp"))
-    out = {}
-    for path, st in calib.items():
-        out[path + "/mean_sq"] = np.asarray(st.mean_sq)
-        out[path + "/absmax"] = np.asarray(st.absmax)
-        out[path + "/rows"] = np.asarray(st.rows)
-        out[path + "/count"] = np.asarray(st.count)
-    np.savez(sys.argv[2], n_devices=len(jax.devices()), **out)
+    out = {"n_devices": len(jax.devices())}
+    for mode in sys.argv[2:]:
+        mesh = None if mode == "single" else Mesh(np.array(jax.devices()), ("data",))
+        calib = calibrate(model, batches, n_rows=40, progress=False, mesh=mesh,
+                          shard_weights=(mode == "fsdp"))
+        for path, st in calib.items():
+            out[f"{mode}:{path}/mean_sq"] = np.asarray(st.mean_sq)
+            out[f"{mode}:{path}/absmax"] = np.asarray(st.absmax)
+            out[f"{mode}:{path}/rows"] = np.asarray(st.rows)
+            out[f"{mode}:{path}/count"] = np.asarray(st.count)
+    np.savez(sys.argv[1], **out)
     """
 )
 
 
-def run(mode: str, devices: int, out: Path) -> dict[str, np.ndarray]:
+def run(devices: int, out: Path, *modes: str) -> dict[str, np.ndarray]:
+    """Calibrate in one subprocess with `devices` host devices, once per mode."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                JAX_PLATFORMS="cpu")
-    subprocess.run([sys.executable, "-c", PROBE, mode, str(out)], cwd=ROOT, env=env,
+    subprocess.run([sys.executable, "-c", PROBE, str(out), *modes], cwd=ROOT, env=env,
                    check=True, capture_output=True, text=True)
     with np.load(out) as z:
         return {k: z[k] for k in z.files}
 
 
-@pytest.mark.parametrize("mode", ["data", "fsdp"])
-def test_eight_devices_equal_one(tmp_path, mode):
+def _by_mode(res: dict[str, np.ndarray], mode: str) -> dict[str, np.ndarray]:
+    return {k.split(":", 1)[1]: v for k, v in res.items() if k.startswith(mode + ":")}
+
+
+@pytest.fixture(scope="module")
+def calibrations(tmp_path_factory) -> dict[str, dict[str, np.ndarray]]:
+    """One device, then 8 devices data-parallel and FSDP: two subprocesses (one per device
+    count, XLA_FLAGS is read at start-up), the model built and compiled once in each."""
     pytest.importorskip("torch")
-    one = run("single", 1, tmp_path / "one.npz")
-    many = run(mode, 8, tmp_path / f"{mode}.npz")
+    folder = tmp_path_factory.mktemp("sharded_calib")
+    one = run(1, folder / "one.npz", "single")
+    many = run(8, folder / "many.npz", "data", "fsdp")
     assert int(one.pop("n_devices")) == 1 and int(many.pop("n_devices")) == 8
-    assert one.keys() == many.keys()
+    return {"single": _by_mode(one, "single"), **{m: _by_mode(many, m) for m in ("data", "fsdp")}}
+
+
+@pytest.mark.parametrize("mode", ["data", "fsdp"])
+def test_eight_devices_equal_one(calibrations, mode):
+    one, many = calibrations["single"], calibrations[mode]
+    assert one and one.keys() == many.keys()
     for key in one:
         if key.endswith("/count"):
             np.testing.assert_array_equal(many[key], one[key], err_msg=key)

@@ -38,16 +38,30 @@ def sharded(tmp_path_factory):
     return folder, batches
 
 
-def test_resume_after_interruption_equals_uninterrupted(sharded, tmp_path):
+KW = dict(dtype=jnp.float32, n_rows=48)
+
+
+@pytest.fixture(scope="module")
+def streamed(sharded, tmp_path_factory):
+    """(whole model, its report, folder): folder/a an uninterrupted run, folder/b one stopped
+    after its first block. Built once: both tests read them."""
     folder, batches = sharded
-    config = pqjax.QuantConfig(progress=False)
-    kw = dict(dtype=jnp.float32, n_rows=48)
-    whole, report = stream_quantize(folder, batches, config, tmp_path / "a", **kw)
+    out = tmp_path_factory.mktemp("streamed")
+    whole, report = stream_quantize(folder, batches, pqjax.QuantConfig(progress=False),
+                                    out / "a", **KW)
     with pytest.raises(StreamInterrupted, match="after 1 blocks"):
-        stream_quantize(folder, batches, config, tmp_path / "b", stop_after=1, **kw)
-    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+        stream_quantize(folder, batches, pqjax.QuantConfig(progress=False), out / "b",
+                        stop_after=1, **KW)
+    return whole, report, out
+
+
+def test_resume_after_interruption_equals_uninterrupted(sharded, streamed):
+    folder, batches = sharded
+    whole, report, out = streamed
+    manifest = json.loads((out / "b" / "manifest.json").read_text())
     assert list(manifest["blocks"]) == ["transformer_blocks.0"]
-    resumed, _ = stream_quantize(folder, batches, config, tmp_path / "b", **kw)
+    resumed, _ = stream_quantize(folder, batches, pqjax.QuantConfig(progress=False), out / "b",
+                                 **KW)
     a = dict(nnx.to_flat_state(nnx.state(whole)))
     b = dict(nnx.to_flat_state(nnx.state(resumed)))
     assert a.keys() == b.keys()
@@ -66,12 +80,13 @@ def test_resume_after_interruption_equals_uninterrupted(sharded, tmp_path):
     assert out.shape == (2, 16, 8) and np.isfinite(out).all()
 
 
-def test_resume_refuses_a_different_config(sharded, tmp_path):
+def test_resume_refuses_a_different_config(sharded, streamed):
+    """A folder holding a run (here the finished one) is refused for another config, and is
+    left as it was."""
     folder, batches = sharded
-    kw = dict(dtype=jnp.float32, n_rows=48)
-    with pytest.raises(StreamInterrupted):
-        stream_quantize(folder, batches, pqjax.QuantConfig(progress=False), tmp_path / "c",
-                        stop_after=1, **kw)
+    work = streamed[2] / "a"
+    before = (work / "manifest.json").read_text()
     with pytest.raises(ValueError, match="another source/config"):
         stream_quantize(folder, batches, pqjax.QuantConfig(method="rtn", progress=False),
-                        tmp_path / "c", **kw)
+                        work, **KW)
+    assert (work / "manifest.json").read_text() == before

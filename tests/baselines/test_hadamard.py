@@ -82,9 +82,10 @@ def test_plan_is_exact_in_full_precision(method):
     assert rel_err(forward(full_precision_model(plan, targets), data[0]), ref) <= 1e-5
 
 
+# Each method and each config (block 64 and 16) end to end once, not their full product:
+# the rotation and the search are the same code for both formats.
 @pytest.mark.slow
-@pytest.mark.parametrize("config", sorted(CONFIGS))
-@pytest.mark.parametrize("method", ["hadamard", "permuquant_h"])
+@pytest.mark.parametrize("method,config", [("hadamard", "int4_g64"), ("permuquant_h", "nvfp4")])
 def test_end_to_end(method, config):
     model, calib, data = tiny_flux()
     cfg = pqjax.QuantConfig(method=method, progress=False, **CONFIGS[config])

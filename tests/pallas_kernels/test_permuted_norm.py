@@ -92,12 +92,18 @@ def test_matches_reference_and_formats(kind, name, opts, d, dtype, affine, mod, 
 @pytest.mark.parametrize("kind,name", [("layer", "nvfp4"), ("rms", "int4")])
 def test_exact_statistics_give_identical_bits(kind, name):
     """Integer inputs with a sum divisible by 8 and d = 64: every float32 sum is exact in any
-    order, so the kernel's y, and hence its QTensor, equal the reference's bit for bit."""
+    order. The affine weight and the modulation factor 1 + scale are powers of two, so every
+    product that XLA may contract with the following add (y * w + b, y * (1 + s) + shift) is
+    exact and an FMA rounds like the separate add. So the kernel's y, and hence its QTensor,
+    equal the reference's bit for bit on any CPU."""
     d = 64
     kw = _inputs(d, jnp.float32, seed=3)
     x = np.round(np.clip(np.asarray(kw["x"]), -4, 4))
     x[..., 0] -= np.sum(x, axis=-1) % 8
     kw["x"] = jnp.asarray(x)
+    rng = np.random.default_rng(4)
+    kw["weight"] = jnp.asarray(2.0 ** rng.integers(-2, 3, size=d), jnp.float32)
+    kw["scale"] = jnp.asarray(2.0 ** rng.integers(-2, 3, size=(B, d)) - 1, jnp.float32)
     quant = formats.get(name)
     gs = _gs(quant, kw, kind)
     y, q = permuted_norm(**kw, global_scale=gs, kind=kind, quant=quant, interpret=True)
