@@ -61,6 +61,17 @@ def mode(interpret: bool | None = None) -> str:
     return "xla"
 
 
+NO_GPU = "no CUDA GPU here, so XLA computes what the kernels would"
+
+
+def warn_no_gpu() -> None:
+    """Warn once, where no CUDA GPU serves the kernels, that XLA runs instead (interpret mode,
+    forced by the environment variable, is not warned about)."""
+    if mode() == "xla" and jax.devices()[0].platform != "gpu":
+        fallback("pallas backend", f"{NO_GPU} (set {ENV_INTERPRET}=1 to run them in interpret "
+                 "mode)")
+
+
 def fallback(op: str, reason: str) -> None:
     """Warn once per (op, reason) that XLA serves `op` instead of a kernel."""
     key = f"{op}: {reason}"

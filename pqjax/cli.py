@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +35,13 @@ def warn_pallas_without_gpu(backend: str) -> None:
         return
     from pallas_kernels import dispatch
 
-    if dispatch.mode() == "xla":
-        print(
-            "pqjax: warning: --backend pallas: no CUDA GPU here, so XLA computes what the Pallas "
-            f"kernels would (set {dispatch.ENV_INTERPRET}=1 to run them in interpret mode)",
-            file=sys.stderr,
-        )
+    # The library's own once-per-process warning, printed here before any work (and then not
+    # repeated when the model is switched).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", dispatch.PallasFallbackWarning)
+        dispatch.warn_no_gpu()
+    for w in caught:
+        print(f"pqjax: warning: --backend pallas: {w.message}", file=sys.stderr)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

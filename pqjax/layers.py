@@ -277,7 +277,8 @@ def set_backend(model: nnx.Module, backend: str) -> nnx.Module:
             node.backend = "pallas" if backend == "pallas" else "xla"
             node.fuse_quant = node.fuse_dense = False
     if backend == "pallas":
-        from pallas_kernels import fusion
+        from pallas_kernels import dispatch, fusion
 
+        dispatch.warn_no_gpu()
         fusion.plan(model)
     return model

@@ -254,6 +254,7 @@ def test_pallas_off_gpu_warns(capsys):
 
     if dispatch.mode() != "xla":
         pytest.skip("a CUDA GPU (or interpret mode) runs the kernels themselves")
+    dispatch._warned.clear()  # the warning is once per process
     cli.warn_pallas_without_gpu("pallas")
     err = capsys.readouterr().err
     assert "--backend pallas" in err and "XLA" in err

@@ -280,3 +280,14 @@ def test_norm_rows_past_the_register_tile_go_to_xla():
     ref = permuted_norm_reference(x, None, norm.scale[...], None, None, None, kind="rms",
                                   eps=norm.eps)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))  # the same XLA program
+
+
+def test_set_backend_pallas_without_a_gpu_warns():
+    """The README's promise: off a CUDA GPU, switching to "pallas" says that XLA serves."""
+    if dispatch.mode() != "xla" or jax.devices()[0].platform == "gpu":
+        pytest.skip("a CUDA GPU (or interpret mode) runs the kernels themselves")
+    dispatch._warned.clear()
+    model = RMSNorm(16)
+    with pytest.warns(dispatch.PallasFallbackWarning, match="no CUDA GPU here"):
+        pqjax.set_backend(model, "pallas")
+    assert model.backend == "pallas"
