@@ -157,7 +157,8 @@ def _row(res: permute.SearchResult, err_ref: float, err: float) -> dict[str, Any
 
 
 def joint_search(
-    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str]
+    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str],
+    refine: int = 0,
 ) -> tuple[dict[str, np.ndarray], dict[str, str | None], dict, dict]:
     """The joint (rotation, order) choice at every site with a quantized consumer, and the
     rotation choice (order fixed) for every target no site reads.
@@ -165,7 +166,8 @@ def joint_search(
     Returns (orders to absorb (site -> perm, identity orders left out), rotation per target
     path (None: none), site report, layer report). One rotation per site, shared by its
     consumers; errors on calibration rows; err_reference is the error of the reference (RTN
-    for the default candidates, which start with None).
+    for the default candidates, which start with None). refine: rounds of greedy swaps between
+    groups (`permute.refine`) scored as one more order at every site.
     """
     wfmt, afmt = config.weight_format(), config.act_format()
     kw = dict(weights=wfmt, acts=afmt, alpha=config.alpha, tau=config.tau)
@@ -180,7 +182,7 @@ def joint_search(
             stats.rows, [kernel_of(model, c) for c in site.consumers],
             criterion=config.criterion, segments=site.segments, act_mean_sq=stats.mean_sq,
             act_absmax=stats.absmax, seed=config.seed + i,
-            rotate=rotation_candidates(config, site.dim), **kw,
+            rotate=rotation_candidates(config, site.dim), refine=refine, **kw,
         )
         if res.accepted and not np.array_equal(res.perm, np.arange(site.dim)):
             perms[site.name] = res.perm
@@ -212,7 +214,22 @@ def permuquant_h(
 ) -> Plan:
     """The best (rotation, order) pair per site by PermuQuant's acceptance rule, absorbed and
     folded, then RTN (see the module docstring)."""
-    perms, rotations, site_rows, layer_rows = joint_search(model, calib, config, targets)
+    return joint_plan(model, calib, config, targets, refine=int(config.option("refine", 0)))
+
+
+@register_method("permuquant_hr")
+def permuquant_hr(
+    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str]
+) -> Plan:
+    """permuquant_h with the search beyond sorting: greedy swaps between groups from the best
+    sorted order (option "refine": rounds, default 8), one more order for the joint choice."""
+    return joint_plan(model, calib, config, targets, refine=int(config.option("refine", 8)))
+
+
+def joint_plan(
+    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str], refine: int
+) -> Plan:
+    perms, rotations, site_rows, layer_rows = joint_search(model, calib, config, targets, refine)
     absorbed = permute.absorb(model, perms)
     rtn = rtn_errors(model, calib, config, targets)
     plan = Plan(model=absorbed, sites=site_rows, perms=perms)
