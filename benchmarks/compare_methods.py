@@ -33,7 +33,7 @@ from pqjax.quantize import QuantConfig
 SETTINGS = (("W4A4 NVFP4", "nvfp4", None), ("W4A4 INT4 g64", "int4", 64),
             ("W3A3 INT3 g64", "int3", 64))
 ORDER = ("rtn", "smoothquant", "ptq4dit", "omniquant_lwc", "gptq", "svdquant", "hadamard",
-         "convrot", "quartz", "permuquant", "permuquant_gptq", "permuquant_h")
+         "convrot", "quartz", "permuquant", "permuquant_gptq", "permuquant_h", "permuquant_hr")
 
 
 def configs_for(setting: tuple, methods: list[str]) -> list[QuantConfig]:

@@ -210,3 +210,29 @@ def block_for(group: int | None, d_in: int, kind: str, override: int | None = No
     if override is not None:
         return TransformSpec(kind, int(override)).block
     return largest_block(group if group else d_in, kind)
+
+
+def candidates(
+    group: int | None, d: int, kinds: tuple[str, ...] = KINDS, max_block: int | None = None
+) -> tuple[str | None, ...]:
+    """Rotation candidates of a d-channel input for `permute.search(rotate=...)`: None (no
+    rotation) first, then per kind every legal block b with group <= b <= min(d, max_block)
+    that divides d (no unrotated tail), smallest first.
+
+    group None (one group per row): the blocks from 16 up. A block larger than the group mixes
+    several groups; `QuantLinear` applies every block online (XLA butterflies before the
+    activation quantizer, `pallas_kernels.dispatch` likewise), so all are deployable.
+    """
+    if d < 1:
+        raise ValueError(f"rotate.candidates: d must be >= 1, got {d}")
+    low = group if group else 16
+    high = min(d, max_block) if max_block else d
+    out: list[str | None] = [None]
+    for kind in kinds:
+        b = 1
+        while b <= high:
+            legal = kind != "regular_hadamard" or (b.bit_length() - 1) % 2 == 0
+            if legal and b >= low and d % b == 0:
+                out.append(transform_name(kind, b))
+            b *= 2
+    return tuple(out)

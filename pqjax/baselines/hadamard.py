@@ -1,4 +1,4 @@
-"""Rotation baselines: `hadamard` (QuaRot-style) and `permuquant_h` (permutation, then rotation).
+"""Rotation baselines: `hadamard` (QuaRot-style) and `permuquant_h` (permutation and rotation).
 
 hadamard: every quantized Linear gets the block Hadamard T = "hadamard:<b>" of its input
 channels, b = the quantization group (`pqjax.rotate.block_for`; QuantConfig option "block"
@@ -7,16 +7,29 @@ and applied online to the activations (QuantLinear.input_transform), then RTN pe
 Full-precision output is unchanged; the quantizers see each group's energy spread over the
 group, which flattens outlier channels.
 
-permuquant_h: PermuQuant's search at every site, with the rotation inside each group applied
-in BOTH orders the acceptance rule compares (`permute.search(..., rotate=name)`): the identity
-order is exactly `hadamard`, so every layer is at least as good as `hadamard` alone on the
-calibration rows, by construction. Accepted orders are absorbed (`permute.absorb`), then the
-rotation is folded into the permuted kernels. Rotation is per consumer input, independent of
-sites: consumers outside every site (or without calibration rows) get the rotation alone.
+permuquant_h: the joint choice of rotation and order at every site (`permute.search(...,
+rotate=candidates)`): no change, the order alone, a rotation alone, or order + rotation, among
+the rotations of `rotation_candidates` (None, then every kind of `pqjax.rotate` and every legal
+block from the group size up to the site's width). The acceptance rule applies to the pair:
+no consumer's error may exceed RTN's and the summed error must fall. Consumers no site reads
+get the rotation choice alone (order fixed). Since the candidates hold both PermuQuant's pair
+(None, sorted order) and Hadamard's (in-group block, identity order), on calibration rows a
+single-consumer site or unsited layer ends at most at min(RTN, PermuQuant, Hadamard); a site
+with several consumers (one rotation for all, the order is shared) at most at PermuQuant's
+summed error and at Hadamard's whenever no consumer is worse than RTN under it. Accepted
+orders are absorbed (`permute.absorb`), then each consumer's rotation is folded into its
+permuted kernel. Layers without calibration rows stay unrotated. Option rotations="fixed"
+restores the behaviour before the joint choice (the in-group Hadamard on every layer, orders
+compared under it).
 
-Report rows: err_rtn (plain RTN, no rotation), err_hadamard (rotation, identity order), err
-(what the method deploys, on calibration rows), transform (the name), act_amax_growth. The
-rotation carries no guarantee against RTN: err may exceed err_rtn (NVFP4 in particular).
+Blocks larger than the group mix groups; every block is deployable because `QuantLinear`
+(and the Pallas dispatch, `pallas_kernels.dispatch`) applies the transform online in XLA
+before the activation quantizer; a rotated consumer is not fused into its producing norm.
+
+Report rows: err_rtn (plain RTN), err_reference (the acceptance reference: RTN for the
+default candidates), err (what the method deploys, on calibration rows), transform (the name
+or None), act_amax_growth. hadamard's rows: err_rtn, err, transform, act_amax_growth; the
+rotation alone carries no guarantee against RTN: err may exceed err_rtn (NVFP4 in particular).
 
 NVFP4 caveat: `pqjax.quantize` derives the static activation global scale from the calibration
 absmax of the UNROTATED input; a rotated block can exceed it by up to sqrt(b) (Sylvester on a
@@ -34,10 +47,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from pqjax import permute, rotate
 from pqjax.calibrate import Calibration
-from pqjax.methods import Plan, kernel_of, register_method, rtn_errors, search_sites
+from pqjax.methods import Plan, kernel_of, register_method, rtn_errors
 
 if TYPE_CHECKING:
     from pqjax.quantize import QuantConfig
@@ -109,49 +123,124 @@ def hadamard(
     return rotation_plan(model, calib, config, targets, "hadamard")
 
 
-def search_sites_rotated(
-    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str], kind: str
-) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """`methods.search_sites` with the in-group rotation in every error evaluation.
+def rotation_candidates(config: QuantConfig, d_in: int) -> tuple[str | None, ...]:
+    """permuquant_h's rotation candidates for a d_in-channel input (QuantConfig option
+    "rotations"): "search" (default) None then every legal kind and block from the group up
+    (`rotate.candidates`, capped by option "max_block"); "rotated" the same without None (a
+    rotation on every layer that has a legal block, its kind and block chosen); "fixed" the
+    in-group block
+    Hadamard (`transform_for`), as before the joint choice."""
+    mode = config.option("rotations", "search")
+    if mode == "fixed" or config.option("block") is not None:
+        fixed = transform_for(config, d_in, "hadamard")
+        return (fixed,) if mode == "fixed" else (None, fixed)
+    if mode not in ("search", "rotated"):
+        raise ValueError(
+            f"permuquant_h: option rotations={mode!r}; choose 'search', 'rotated' or 'fixed'"
+        )
+    groups = [f.group_size for f in (config.weight_format(), config.act_format()) if f]
+    group = min((g for g in groups if g), default=None)
+    names = rotate.candidates(group, d_in, max_block=config.option("max_block"))
+    # "rotated": None stays only where no block is legal (e.g. d_in not a multiple of 16)
+    return names if mode == "search" or len(names) == 1 else names[1:]
 
-    Returns (accepted orders, site report, layer report); layer err is the rotated error under
-    the accepted order, err_hadamard the rotated error under the identity.
+
+def _row(res: permute.SearchResult, err_ref: float, err: float) -> dict[str, Any]:
+    return {
+        "err_reference": err_ref,
+        "err": err,
+        "accepted": res.accepted,
+        "criterion": res.criterion if res.accepted else "identity",
+        "alpha": res.alpha,
+        "transform": res.rotate,
+    }
+
+
+def joint_search(
+    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str],
+    refine: int = 0,
+) -> tuple[dict[str, np.ndarray], dict[str, str | None], dict, dict]:
+    """The joint (rotation, order) choice at every site with a quantized consumer, and the
+    rotation choice (order fixed) for every target no site reads.
+
+    Returns (orders to absorb (site -> perm, identity orders left out), rotation per target
+    path (None: none), site report, layer report). One rotation per site, shared by its
+    consumers; errors on calibration rows; err_reference is the error of the reference (RTN
+    for the default candidates, which start with None). refine: rounds of greedy swaps between
+    groups (`permute.refine`) scored as one more order at every site.
     """
-    perms, site_rows, layer_rows = search_sites(
-        model,
-        calib,
-        config,
-        targets,
-        desc="permute+rotate",
-        rotate_for=lambda site: transform_for(config, site.dim, kind),
-        baseline_key="err_hadamard",
-    )
-    accepted = {k: v for k, v in perms.items() if site_rows[k]["accepted"]}
-    return accepted, site_rows, layer_rows
+    wfmt, afmt = config.weight_format(), config.act_format()
+    kw = dict(weights=wfmt, acts=afmt, alpha=config.alpha, tau=config.tau)
+    wanted = set(targets)
+    perms, rotations, site_rows, layer_rows = {}, {}, {}, {}
+    todo = [s for s in permute.sites(model) if wanted.intersection(s.consumers)]
+    for i, site in enumerate(tqdm(todo, desc="permute+rotate", disable=not config.progress)):
+        stats = calib.get(site.consumers[0])
+        if stats is None:
+            continue
+        res = permute.search(
+            stats.rows, [kernel_of(model, c) for c in site.consumers],
+            criterion=config.criterion, segments=site.segments, act_mean_sq=stats.mean_sq,
+            act_absmax=stats.absmax, seed=config.seed + i,
+            rotate=rotation_candidates(config, site.dim), refine=refine, **kw,
+        )
+        if res.accepted and not np.array_equal(res.perm, np.arange(site.dim)):
+            perms[site.name] = res.perm
+        site_rows[site.name] = {
+            "kind": site.kind, "dim": site.dim, "accepted": res.accepted,
+            "err_identity": res.err_identity, "err_permuted": res.err_permuted,
+            "criterion": res.criterion, "alpha": res.alpha, "transform": res.rotate,
+        }
+        after = res.layer_err_permuted if res.accepted else res.layer_err_identity
+        for c, b, a in zip(site.consumers, res.layer_err_identity, after):
+            if c in wanted:
+                rotations[c] = res.rotate
+                layer_rows[c] = {"site": site.name, **_row(res, b, a)}
+    for path in targets:
+        if path in layer_rows or path not in calib:
+            continue  # no calibration rows: no choice, the layer stays unrotated
+        rows = calib[path].rows
+        res = permute.search(rows, kernel_of(model, path), criterion="identity",
+                             rotate=rotation_candidates(config, rows.shape[1]), **kw)
+        rotations[path] = res.rotate
+        err = res.err_permuted if res.accepted else res.err_identity
+        layer_rows[path] = {"site": None, **_row(res, res.err_identity, err)}
+    return perms, rotations, site_rows, layer_rows
 
 
 @register_method("permuquant_h")
 def permuquant_h(
     model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str]
 ) -> Plan:
-    """PermuQuant's accepted orders, then the block Hadamard inside each group, then RTN."""
-    perms, site_rows, layer_rows = search_sites_rotated(model, calib, config, targets, "hadamard")
+    """The best (rotation, order) pair per site by PermuQuant's acceptance rule, absorbed and
+    folded, then RTN (see the module docstring)."""
+    return joint_plan(model, calib, config, targets, refine=int(config.option("refine", 0)))
+
+
+@register_method("permuquant_hr")
+def permuquant_hr(
+    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str]
+) -> Plan:
+    """permuquant_h with the search beyond sorting: greedy swaps between groups from the best
+    sorted order (option "refine": rounds, default 8), one more order for the joint choice."""
+    return joint_plan(model, calib, config, targets, refine=int(config.option("refine", 8)))
+
+
+def joint_plan(
+    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str], refine: int
+) -> Plan:
+    perms, rotations, site_rows, layer_rows = joint_search(model, calib, config, targets, refine)
     absorbed = permute.absorb(model, perms)
     rtn = rtn_errors(model, calib, config, targets)
     plan = Plan(model=absorbed, sites=site_rows, perms=perms)
     for path in targets:
-        kernel = kernel_of(absorbed, path)
-        name = transform_for(config, kernel.shape[0], "hadamard")
-        plan.kernels[path] = rotate.fold_into_kernel(name, kernel)
-        plan.extras[path] = {"input_transform": name}
+        name = rotations.get(path)
+        if name is not None:
+            plan.kernels[path] = rotate.fold_into_kernel(name, kernel_of(absorbed, path))
+            plan.extras[path] = {"input_transform": name}
         row = layer_rows.get(path)
-        if row is None:  # no site reads it: the rotation alone
-            err = rotated_error(calib, config, path, kernel, name)
-            if err is None:
-                continue
-            row = {"site": None, "err_hadamard": err, "err": err, "accepted": False}
-            row["transform"] = name
-        if path in rtn:
-            growth = amax_growth(calib, path, name, perms.get(row["site"]))
+        if row is not None and path in rtn:
+            site = row["site"]
+            growth = None if name is None else amax_growth(calib, path, name, perms.get(site))
             plan.layers[path] = {"err_rtn": rtn[path], **row, "act_amax_growth": growth}
     return plan

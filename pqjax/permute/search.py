@@ -10,10 +10,18 @@ both. err = ||x W - Q(x) Q(W)||^2 / ||x W||^2 summed over consumers (each weight
 its own). The order is accepted only if (E_identity - E_permuted) / E_identity > tau and no
 consumer's own error grows, so every layer is at least as good as RTN on the calibration rows.
 
-Rotation hook (`rotate=`, default None: no rotation): the name of an online input transform of
-`pqjax.rotate` (e.g. "hadamard:16") applied AFTER the permutation, the weight holding its
-inverse: errors become ||x W - Q(x P T) Q(T^T P^T W)||^2 / ||x W||^2, so identity and permuted
-orders are compared with the rotation applied in both (PermuQuant + in-group Hadamard).
+Rotations (`rotate=`, default None: no rotation): online input transforms of `pqjax.rotate`
+(e.g. "hadamard:16") applied AFTER the permutation, the weight holding the inverse: errors
+become ||x W - Q(x P T) Q(T^T P^T W)||^2 / ||x W||^2.
+- a name: that rotation in every evaluation; identity and permuted orders are compared with
+  the rotation applied in both (the reference is the rotated identity order);
+- a sequence such as (None, "hadamard:16", "regular_hadamard:64"): the joint choice. Every
+  (rotation, order) pair is scored, the identity order included, so the candidates are "no
+  change", "order alone", "rotation alone" and "order + rotation". The reference is the first
+  entry with the identity order (with None first: plain RTN), and the acceptance rule applies
+  to the pair: the best pair whose every consumer is no worse than under the reference, kept
+  if its gain exceeds tau. `SearchResult.rotate` holds the chosen rotation (None: none kept).
+`pqjax.rotate.candidates(group, d)` lists the legal rotations of a d-channel site.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import numpy as np
 from pqjax import formats
 from pqjax import rotate as rot
 from pqjax.permute.criteria import ChannelStats, get_criterion
+from pqjax.permute.refine import refine_order
 
 # (size, block): the permutation acts within consecutive blocks of `block` channels of a
 # segment of `size` channels (block == size: free order; block == head_dim: within heads).
@@ -48,8 +57,12 @@ class SearchResult:
     criterion: str
     alpha: float
     candidate_perm: np.ndarray  # the best order found, whether accepted or not
-    layer_err_identity: tuple[float, ...] = ()  # per kernel, identity order
-    layer_err_permuted: tuple[float, ...] = ()  # per kernel, candidate order
+    layer_err_identity: tuple[float, ...] = ()  # per kernel, the reference
+    layer_err_permuted: tuple[float, ...] = ()  # per kernel, the best candidate pair
+    rotate: str | None = None  # the kept rotation (the reference's when not accepted)
+    candidate_rotate: str | None = None  # the best pair's rotation, accepted or not
+    # every scored pair: (rotation, criterion, alpha, summed error, qualified)
+    table: tuple[tuple[str | None, str, float, float, bool], ...] = ()  # reference first
 
     @property
     def gain(self) -> float:
@@ -140,30 +153,70 @@ def site_stats(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("wfmt", "afmt", "candidates", "segments", "rotate"))
-def _search(x, ws, act_mean_sq, act_absmax, key, *, wfmt, afmt, candidates, segments, rotate):
-    """Score every candidate order; return the best one that makes no kernel's error worse.
+@functools.partial(
+    jax.jit, static_argnames=("wfmt", "afmt", "candidates", "segments", "rotations", "refine")
+)
+def _search(x, ws, act_mean_sq, act_absmax, key, *, wfmt, afmt, candidates, segments, rotations,
+            refine=0):
+    """Score every (rotation, order) pair; return the best pair other than the reference
+    (rotations[0], identity order) that makes no kernel's error worse than the reference (if
+    none does, the best other pair, marked not qualified).
 
-    Returns (perm, candidate index, E_identity, E_best, any candidate qualified); E is the
-    error summed over kernels, relative to the summed output energy.
+    candidates: the (criterion, alpha) orders; the identity order is scored too, first.
+    refine > 0: one more order, last: `refine.refine_order` for that many rounds from the
+    candidate order with the lowest error under rotations[0].
+    Returns (perm, pair index, E_reference, E per pair, qualified per pair, per-kernel
+    errors (reference, best)); E is the error summed over kernels, relative to the summed
+    output energy.
     """
     group = (wfmt or afmt).group_size if (wfmt or afmt) else 16
     stats = site_stats(x, ws, act_mean_sq, act_absmax, key, group or x.shape[1])
     d = x.shape[1]
-    num_id, den = quant_error(x, ws, jnp.arange(d, dtype=jnp.int32), wfmt, afmt, rotate)
-    perms, errs, ok = [], [], []
-    for name, alpha in candidates:
-        perm = order_from_scores(get_criterion(name)(stats, alpha), segments)
-        num, _ = quant_error(x, ws, perm, wfmt, afmt, rotate)
-        perms.append(perm)
-        errs.append(jnp.sum(num) / jnp.sum(den))
-        ok.append(jnp.all(num <= num_id))  # per-layer guarantee: no consumer gets worse
-    errs, ok = jnp.stack(errs), jnp.stack(ok)
-    best = jnp.argmin(jnp.where(ok, errs, jnp.inf))
-    perm = jnp.stack(perms)[best]
-    num_best, _ = quant_error(x, ws, perm, wfmt, afmt, rotate)
-    per_kernel = (num_id / den, num_best / den)
-    return perm, best, jnp.sum(num_id) / jnp.sum(den), errs[best], ok[best], per_kernel
+    ident = jnp.arange(d, dtype=jnp.int32)
+    orders = [ident] + [
+        order_from_scores(get_criterion(name)(stats, alpha), segments)
+        for name, alpha in candidates
+    ]
+    num_ref, den = quant_error(x, ws, ident, wfmt, afmt, rotations[0])
+    if refine:
+        sorted_errs = jax.lax.map(
+            lambda p: jnp.sum(quant_error(x, ws, p, wfmt, afmt, rotations[0])[0]),
+            jnp.stack(orders[1:]),
+        )
+        start = jnp.stack(orders[1:])[jnp.argmin(sorted_errs)]
+        w_all = jnp.concatenate([k.astype(jnp.float32) for k in ws], axis=1)
+        orders.append(refine_order(x, w_all, start, wfmt, afmt, segments, rounds=refine))
+    orders = jnp.stack(orders)  # (n_orders, d)
+    # one compiled body per rotation, mapped over the orders (memory and compile time of one)
+    nums = jnp.concatenate([
+        jax.lax.map(lambda p, r=rotation: quant_error(x, ws, p, wfmt, afmt, r)[0], orders)
+        for rotation in rotations
+    ])  # (pairs, kernels), pair = rotation index * n_orders + order index
+    perms = jnp.tile(orders, (len(rotations), 1))
+    errs = jnp.sum(nums, axis=1) / jnp.sum(den)
+    ok = jnp.all(nums <= num_ref, axis=1)  # per-layer guarantee: no consumer gets worse
+    # pair 0 is the reference itself: the best OTHER pair, qualified if any qualifies
+    other = jnp.arange(errs.shape[0]) > 0
+    ok = ok & other
+    best = jnp.where(
+        jnp.any(ok),
+        jnp.argmin(jnp.where(ok, errs, jnp.inf)),
+        jnp.argmin(jnp.where(other, errs, jnp.inf)),
+    )
+    per_kernel = (num_ref / den, nums[best] / den)
+    return perms[best], best, jnp.sum(num_ref) / jnp.sum(den), errs, ok, per_kernel
+
+
+def rotation_names(rotate: str | Sequence[str | None] | None) -> tuple[str | None, ...]:
+    """rotate= of `search` -> canonical candidate names (a name alone: that one only)."""
+    if rotate is None or isinstance(rotate, str):
+        rotate = (rotate,)
+    names = tuple(None if r is None else rot.parse_transform(r).name for r in rotate)
+    if not names:
+        raise ValueError("search: rotate= is an empty sequence; give None or some names")
+    if len(set(names)) != len(names):
+        raise ValueError(f"search: rotate= lists a rotation twice: {names}")
+    return names
 
 
 def search(
@@ -179,7 +232,8 @@ def search(
     act_mean_sq: jax.Array | None = None,
     act_absmax: jax.Array | None = None,
     seed: int = 0,
-    rotate: str | None = None,
+    rotate: str | Sequence[str | None] | None = None,
+    refine: int = 0,
 ) -> SearchResult:
     """Find a channel order for the layer(s) reading x; see the module docstring.
 
@@ -187,7 +241,10 @@ def search(
     put to the acceptance rule. segments constrain the order (see `Segments`); act_mean_sq /
     act_absmax override the statistics of x's rows with full-calibration ones. None for
     weights/acts leaves that side in full precision. rotate: an input transform name applied
-    after the permutation in every error evaluation (see the module docstring).
+    after the permutation in every error evaluation, or a sequence of candidates (None: no
+    rotation) chosen jointly with the order; see the module docstring. refine: rounds of
+    `pqjax.permute.refine` (greedy swaps between groups) from the best sorted order, scored
+    as one more candidate order ("refine"); 0: off.
     """
     ws = tuple(w) if isinstance(w, (list, tuple)) else (w,)
     if x.ndim != 2 or any(k.ndim != 2 or k.shape[0] != x.shape[1] for k in ws):
@@ -202,7 +259,12 @@ def search(
     candidates = tuple((n, float(a)) for n in names for a in alphas)
     wfmt, afmt = as_format(weights), as_format(acts)
     segments = check_segments(segments, x.shape[1])
-    perm, best, e_id, e_perm, qualified, (k_id, k_perm) = _search(
+    rotations = rotation_names(rotate)
+    d = x.shape[1]
+    for r in rotations:
+        if r is not None and rot.parse_transform(r).block > d:
+            raise ValueError(f"search: rotation {r!r} has a block wider than d_in={d}")
+    perm, best, e_id, errs, ok, (k_id, k_perm) = _search(
         jnp.asarray(x, jnp.float32),
         tuple(jnp.asarray(k) for k in ws),
         act_mean_sq,
@@ -212,14 +274,22 @@ def search(
         afmt=afmt,
         candidates=candidates,
         segments=segments,
-        rotate=None if rotate is None else rot.parse_transform(rotate).name,
+        rotations=rotations,
+        refine=int(refine),
     )
-    e_id, e_perm = float(e_id), float(e_perm)
-    accepted = bool(qualified) and e_id > 0 and (e_id - e_perm) / e_id > tau
+    orders = (("identity", 0.0), *candidates) + ((("refine", 0.0),) if refine else ())
+    errs, ok, best = np.asarray(errs), np.asarray(ok), int(best)
+    e_id, e_perm = float(e_id), float(errs[best])
+    accepted = bool(ok[best]) and e_id > 0 and (e_id - e_perm) / e_id > tau
     perm = np.asarray(perm)
-    name, a = candidates[int(best)]
+    cand_rot = rotations[best // len(orders)]
+    name, a = orders[best % len(orders)]
+    table = tuple(
+        (rotations[i // len(orders)], *orders[i % len(orders)], float(e), bool(q) or i == 0)
+        for i, (e, q) in enumerate(zip(errs, ok))
+    )
     return SearchResult(
-        perm=perm if accepted else np.arange(x.shape[1], dtype=np.int32),
+        perm=perm if accepted else np.arange(d, dtype=np.int32),
         accepted=bool(accepted),
         err_identity=e_id,
         err_permuted=e_perm,
@@ -228,6 +298,9 @@ def search(
         candidate_perm=perm,
         layer_err_identity=tuple(float(e) for e in np.asarray(k_id)),
         layer_err_permuted=tuple(float(e) for e in np.asarray(k_perm)),
+        rotate=cand_rot if accepted else rotations[0],
+        candidate_rotate=cand_rot,
+        table=table,
     )
 
 
