@@ -300,14 +300,21 @@ def vae(c: Any) -> Inventory:
 
 
 def _builders() -> dict[type, Callable[[Any], Inventory]]:
+    from pqjax import inventory_lm
     from pqjax.models.clip import CLIPTextConfig
+    from pqjax.models.dcae import AutoencoderDCConfig
     from pqjax.models.flux import FluxConfig
+    from pqjax.models.gemma2 import Gemma2Config
+    from pqjax.models.qwen3 import Qwen3Config
     from pqjax.models.sana import SanaConfig
     from pqjax.models.t5 import T5Config
     from pqjax.models.vae import AutoencoderKLConfig
     from pqjax.models.zimage import ZImageConfig
 
     return {
+        Gemma2Config: lambda c: inventory_lm.gemma2(c, Inventory()),
+        Qwen3Config: lambda c: inventory_lm.qwen3(c, Inventory()),
+        AutoencoderDCConfig: lambda c: inventory_lm.dcae_decoder(c, Inventory()),
         FluxConfig: flux,
         SanaConfig: sana,
         ZImageConfig: zimage,

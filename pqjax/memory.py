@@ -31,7 +31,10 @@ GiB = 2**30
 def _presets() -> dict[str, dict[str, Any]]:
     """Each preset's component configs (the module classes are in `pqjax.inventory`)."""
     from pqjax.models.clip import CLIP_L_FLUX
+    from pqjax.models.dcae import SANA_DCAE
     from pqjax.models.flux import FluxConfig
+    from pqjax.models.gemma2 import GEMMA2_2B
+    from pqjax.models.qwen3 import QWEN3_4B
     from pqjax.models.sana import PRESETS as SANA
     from pqjax.models.t5 import T5_XXL_FLUX
     from pqjax.models.vae import FLUX_VAE_CONFIG
@@ -45,8 +48,10 @@ def _presets() -> dict[str, dict[str, Any]]:
     return {
         "flux-dev": {"transformer": FluxConfig(guidance_embeds=True), **flux_parts},
         "flux-schnell": {"transformer": FluxConfig(), **flux_parts},
-        "sana-1.5-1.6b": {"transformer": SANA["sana-1.5-1.6b"]},
-        "z-image-turbo": {"transformer": ZIMAGE["z-image-turbo"]},
+        "sana-1.5-1.6b": {"transformer": SANA["sana-1.5-1.6b"], "text_encoder": GEMMA2_2B,
+                          "vae": SANA_DCAE},
+        "z-image-turbo": {"transformer": ZIMAGE["z-image-turbo"], "text_encoder": QWEN3_4B,
+                          "vae": FLUX_VAE_CONFIG},
     }
 
 

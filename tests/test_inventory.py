@@ -15,7 +15,10 @@ from flax import nnx
 from pqjax.calibrate import linears
 from pqjax.inventory import inventory
 from pqjax.models.clip import CLIPTextConfig, CLIPTextModel
+from pqjax.models.dcae import AutoencoderDC, AutoencoderDCConfig
 from pqjax.models.flux import FluxConfig, FluxTransformer2DModel
+from pqjax.models.gemma2 import Gemma2Config, Gemma2Model
+from pqjax.models.qwen3 import Qwen3Config, Qwen3Model
 from pqjax.models.sana import SanaConfig, SanaTransformer2DModel
 from pqjax.models.t5 import T5Config, T5EncoderModel
 from pqjax.models.vae import AutoencoderKL, AutoencoderKLConfig
@@ -34,6 +37,11 @@ CLIP = dict(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_laye
             num_attention_heads=2, max_position_embeddings=10)
 VAE = dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
            block_out_channels=(8, 16), norm_num_groups=4, latent_channels=4)
+LM = dict(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+          num_attention_heads=4, num_key_value_heads=2, head_dim=4)
+DCAE = dict(latent_channels=4, attention_head_dim=4, decoder_block_out_channels=(8, 16, 16),
+            decoder_layers_per_block=(1, 2, 1), decoder_qkv_multiscales=((), (3, 5), (5,)),
+            decoder_block_types=("ResBlock", "EfficientViTBlock", "EfficientViTBlock"))
 
 CASES = [
     ("flux", FluxTransformer2DModel, FluxConfig(**FLUX)),
@@ -50,6 +58,11 @@ CASES = [
     ("t5-relu", T5EncoderModel, T5Config(**T5)),
     ("clip", CLIPTextModel, CLIPTextConfig(**CLIP)),
     ("vae", AutoencoderKL, AutoencoderKLConfig(**VAE, layers_per_block=2)),
+    ("gemma2", Gemma2Model, Gemma2Config(**LM)),
+    ("qwen3-bias", Qwen3Model, Qwen3Config(**LM, attention_bias=True)),
+    ("dcae-interpolate", AutoencoderDC,
+     AutoencoderDCConfig(**DCAE, upsample_block_type="interpolate")),
+    ("dcae-pixel-shuffle", AutoencoderDC, AutoencoderDCConfig(**DCAE)),
     ("vae-no-quant-conv-no-attention", AutoencoderKL,
      AutoencoderKLConfig(**VAE, use_quant_conv=False, use_post_quant_conv=False,
                          mid_block_add_attention=False)),
@@ -100,3 +113,27 @@ def test_full_presets_match_the_released_checkpoints():
 def test_unknown_config_is_refused():
     with pytest.raises(TypeError, match="no parameter inventory for dict"):
         inventory({"num_layers": 2})
+
+
+def test_sana_and_zimage_parts_match_their_reference_modules():
+    """Gemma-2-2B, Qwen3-4B and SANA's DC-AE decoder: the counts of transformers' and
+    diffusers' own modules built with the same configs (on the meta device: no weights)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    diffusers = pytest.importorskip("diffusers")
+    from pqjax.models import dcae, gemma2, qwen3
+
+    with torch.device("meta"):
+        refs = [
+            (gemma2.GEMMA2_2B, transformers.Gemma2Model(transformers.Gemma2Config(
+                **{k: v for k, v in gemma2.write_config(gemma2.GEMMA2_2B).items()
+                   if k != "architectures"}))),
+            (qwen3.QWEN3_4B, transformers.Qwen3Model(transformers.Qwen3Config(
+                **{k: v for k, v in qwen3.write_config(qwen3.QWEN3_4B).items()
+                   if k != "architectures"}))),
+            (dcae.SANA_DCAE, diffusers.AutoencoderDC(
+                **{k: v for k, v in dcae.write_config(dcae.SANA_DCAE).items()
+                   if k != "_class_name"}).decoder),
+        ]
+    for config, module in refs:
+        assert inventory(config).param_count == sum(p.numel() for p in module.parameters())

@@ -74,8 +74,13 @@ def test_family_token_counts_and_widths():
     sana = estimate_memory("sana-1.5-1.6b")
     assert "(1024 image + 300 text tokens)" in sana.assumptions["resolution"]
     assert "Mix-FFN 2.5d" in sana.assumptions["family"]
-    assert "text encoders and autoencoder" in sana.assumptions["not counted"]
-    assert "prompt encoding (text encoders, bf16)" not in sana.peaks
+    # the whole pipeline: Gemma-2-2B (2.61 B) and the DC-AE decoder (0.16 B) are counted
+    assert "not counted" not in sana.assumptions
+    assert sana.components["text_encoder"]["params"] == 2_614_341_888
+    assert sana.peaks["prompt encoding (text encoders, bf16)"] * 2**30 == 2 * 2_614_341_888
+    zimage = estimate_memory("z-image-turbo")
+    assert zimage.components["text_encoder"]["params"] == 4_022_468_096  # Qwen3-4B, no head
+    assert zimage.components["vae"]["params"] == 83_819_683  # the FLUX.1 VAE
     for name, txt in [("flux-dev", 512), ("flux-schnell", 256), ("z-image-turbo", 512)]:
         est = estimate_memory(name, height=512, width=768)
         assert f"(1536 image + {txt} text tokens)" in est.assumptions["resolution"]

@@ -115,6 +115,18 @@ def write_config(config: AutoencoderDCConfig) -> dict[str, Any]:
     return {"_class_name": "AutoencoderDC", **dataclasses.asdict(config)}
 
 
+# SANA's DC-AE f32c32 (`vae/` of the SANA-1.5 pipelines; as diffusers'
+# scripts/convert_dcae_to_diffusers.py builds dc-ae-f32c32-sana-1.0).
+SANA_DCAE = AutoencoderDCConfig(
+    latent_channels=32, attention_head_dim=32,
+    encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+    decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+    encoder_layers_per_block=(2, 2, 2, 3, 3, 3), decoder_layers_per_block=(3, 3, 3, 3, 3, 3),
+    downsample_block_type="conv", upsample_block_type="interpolate",
+    decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407,
+)
+
+
 class DCAEDecoder(nnx.Module):
     """latents `(b, h, w, latent_channels)` -> image `(b, 32h, 32w, in_channels)`, NHWC."""
 
