@@ -170,8 +170,11 @@ def test_causal_lm_checkpoint_keys(tmp_path):
 
 
 def test_read_config_errors():
-    with pytest.raises(ConfigError, match="num_hidden_layers must be a positive integer"):
+    with pytest.raises(ConfigError, match="cfg.json: config field 'num_hidden_layers' = '2' "
+                       "must be an integer"):
         gemma2.read_config({"num_hidden_layers": "2"}, "cfg.json")
+    with pytest.raises(ConfigError, match="num_hidden_layers must be a positive integer"):
+        gemma2.read_config({"num_hidden_layers": 0}, "cfg.json")
     with pytest.raises(ConfigError, match="num_attention_heads 6 is not a multiple"):
         qwen3.read_config({"num_attention_heads": 6, "num_key_value_heads": 4}, "cfg.json")
     with pytest.raises(ConfigError, match="rope_type 'yarn' is not supported"):
