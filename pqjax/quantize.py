@@ -58,8 +58,11 @@ OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "damp": (float, int),  # gptq: Hessian damping, a fraction of mean(diag H)
     "init": (float, int),  # omniquant_lwc: clipping logit at the start
     "lr": (float, int),  # omniquant_lwc: Adam learning rate
+    "max_block": (int, type(None)),  # permuquant_h: widest rotation block among the candidates
     "permute": (bool,),  # gptq: also search permutations
     "rank": (int,),  # svdquant: low-rank branch rank
+    "refine": (int,),  # permuquant_h/_hr: rounds of greedy swaps between groups
+    "rotations": (str,),  # permuquant_h: "search" (joint choice), "rotated" or "fixed"
     "row_chunk": (int,),  # gptq: rows per Hessian update
     "seed": (int, type(None)),  # hadamard/convrot: random signs
     "steps": (int,),  # omniquant_lwc: optimisation steps
@@ -90,7 +93,8 @@ def _check_options(options: Any) -> None:
         if ok and name == "alphas":
             ok = len(value) > 0 and all(_is_number(a) and 0 <= a <= 1 for a in value)
         elif ok and _is_number(value) and name != "permute":
-            ok = math.isfinite(value) and (name in ("init", "seed") or value > 0)
+            ok = math.isfinite(value) and (name in ("init", "seed", "refine") or value > 0)
+            ok = ok and (name != "refine" or value >= 0)
         if not ok:
             want = "|".join(t.__name__ for t in types)
             raise ValueError(

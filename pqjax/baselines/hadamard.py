@@ -40,6 +40,7 @@ per-tensor scale of the rotated rows, like `rtn_errors` does for RTN.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import TYPE_CHECKING, Any
 
@@ -145,6 +146,36 @@ def rotation_candidates(config: QuantConfig, d_in: int) -> tuple[str | None, ...
     return names if mode == "search" or len(names) == 1 else names[1:]
 
 
+def _own_rows(model: nnx.Module, calib: Calibration, site: permute.Site,
+              res: permute.SearchResult, wfmt: Any, afmt: Any,
+              guard: bool = True) -> dict[str, tuple] | None:
+    """{consumer: (RTN error, error of the chosen pair)}, each on the consumer's OWN rows (the
+    search reads the first consumer's; FLUX's to_add_out reads the text part of the attention
+    output), scored as `rtn_errors` scores RTN. With `guard` (the candidates start with no
+    rotation, so RTN is the reference), None when the chosen pair makes any consumer worse than
+    its RTN there: the acceptance rule then keeps no change."""
+    if not guard:  # the reference is a rotation: the search's own errors, against it
+        after = res.layer_err_permuted if res.accepted else res.layer_err_identity
+        return dict(zip(site.consumers, zip(res.layer_err_identity, after, strict=True),
+                        strict=True))
+    ident = np.arange(site.dim)
+    perm = res.perm if res.accepted else ident
+    out = {}
+    for c in site.consumers:
+        if c not in calib:
+            continue
+        rows, kernel = calib[c].rows, kernel_of(model, c)
+        ref = permute.layer_errors(rows, [kernel], ident, wfmt, afmt, None)[0]
+        if perm is ident and res.rotate is None:
+            out[c] = (ref, ref)
+            continue
+        err = permute.layer_errors(rows, [kernel], perm, wfmt, afmt, res.rotate)[0]
+        if guard and err > ref:
+            return None
+        out[c] = (ref, err)
+    return out
+
+
 def _row(res: permute.SearchResult, err_ref: float, err: float) -> dict[str, Any]:
     return {
         "err_reference": err_ref,
@@ -184,6 +215,11 @@ def joint_search(
             act_absmax=stats.absmax, seed=config.seed + i,
             rotate=rotation_candidates(config, site.dim), refine=refine, **kw,
         )
+        candidates = rotation_candidates(config, site.dim)
+        own = _own_rows(model, calib, site, res, wfmt, afmt, guard=candidates[0] is None)
+        if own is None:  # a consumer is worse on its own rows: the site keeps no change
+            res = dataclasses.replace(res, accepted=False, rotate=None)
+            own = _own_rows(model, calib, site, res, wfmt, afmt)
         if res.accepted and not np.array_equal(res.perm, np.arange(site.dim)):
             perms[site.name] = res.perm
         site_rows[site.name] = {
@@ -191,8 +227,7 @@ def joint_search(
             "err_identity": res.err_identity, "err_permuted": res.err_permuted,
             "criterion": res.criterion, "alpha": res.alpha, "transform": res.rotate,
         }
-        after = res.layer_err_permuted if res.accepted else res.layer_err_identity
-        for c, b, a in zip(site.consumers, res.layer_err_identity, after):
+        for c, (b, a) in own.items():
             if c in wanted:
                 rotations[c] = res.rotate
                 layer_rows[c] = {"site": site.name, **_row(res, b, a)}

@@ -153,6 +153,7 @@ def test_every_entry_point_takes_allow_pickle(monkeypatch, tmp_path):
     import pqjax.cli
     import pqjax.pipelines.load as load_mod
     import pqjax.streaming
+    from convert.resolve import embedded_root
 
     seen = []
 
@@ -169,6 +170,6 @@ def test_every_entry_point_takes_allow_pickle(monkeypatch, tmp_path):
             call()
     monkeypatch.setattr(pqjax.streaming, "open_weights", record)
     with pytest.raises(_Reached):
-        pqjax.streaming.stream_quantize(load_mod.embedded_path(), [], pqjax.QuantConfig(),
+        pqjax.streaming.stream_quantize(embedded_root(load_mod.EMBEDDED), [], pqjax.QuantConfig(),
                                         tmp_path / "work", allow_pickle=True)
     assert seen == [True, True, True, True]

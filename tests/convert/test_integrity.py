@@ -243,11 +243,11 @@ def test_empty_model_name_is_refused(tmp_path, monkeypatch, models, name):
 # ---- messages and the error hierarchy ----
 
 def test_missing_text_encoder_file_is_named(tmp_path):
+    from convert.resolve import embedded_root
     from pqjax.models.text_table import PromptTable
-    from pqjax.pipelines.load import embedded_path
 
     folder = tmp_path / "text_encoder"
-    shutil.copytree(embedded_path() / "text_encoder", folder)
+    shutil.copytree(embedded_root("tiny-flux-digits") / "text_encoder", folder)
     (folder / "model.safetensors").unlink()
     with pytest.raises(MissingFileError, match=rf"{folder}/model\.safetensors: missing"):
         PromptTable.load(folder)  # before: "not a PromptTable folder (None missing)"
