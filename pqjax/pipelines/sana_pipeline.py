@@ -26,22 +26,13 @@ from pqjax.models.dcae import AutoencoderDC
 from pqjax.models.gemma2 import Gemma2Model
 from pqjax.models.lm_prompts import SANA_MAX_SEQUENCE_LENGTH, sana_encode_prompt
 from pqjax.models.lm_tokenizer import LMTokenizer
-from pqjax.pipelines.components import load_lm_parts, read_json_object, save_lm_parts
-from pqjax.pipelines.pipeline import SamplingDefaults
+from pqjax.pipelines.components import read_json_object
+from pqjax.pipelines.lm_pipeline import LMTextToImage
 from pqjax.pipelines.sana import DEFAULT_GUIDANCE, DEFAULT_STEPS, SanaSchedule, sana_sample
 
 
-def _size(value: int, factor: int, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < factor or value % factor:
-        raise ValueError(f"{what} must be a positive multiple of {factor}, got {value!r}")
-    return value
-
-
-# Sampling settings a checkpoint keeps (the schedule is kept beside them).
-SETTINGS = ("num_steps", "guidance", "height", "width", "max_sequence_length")
-
 @dataclasses.dataclass
-class SanaTextToImage:
+class SanaTextToImage(LMTextToImage):
     """SANA transformer + Gemma-2 + DC-AE + the flow DPM-Solver++ schedule config."""
 
     transformer: Any
@@ -59,23 +50,12 @@ class SanaTextToImage:
     report: Any = None
 
     @property
-    def defaults(self) -> SamplingDefaults:
-        """The sampling defaults in the FLUX pipeline's terms (what the CLI prints)."""
-        return SamplingDefaults(num_inference_steps=self.num_steps, guidance_scale=self.guidance,
-                                height=self.height, width=self.width,
-                                latent_channels=self.transformer.config.in_channels,
-                                vae_scale_factor=self.vae_scale_factor)
-
-    @property
     def vae_scale_factor(self) -> int:
         return self.vae.config.spatial_compression
 
-    def initial_noise(self, n: int, seed: int, height: int, width: int) -> jax.Array:
-        """`(n, c, H/f, W/f)` float32 noise; image i from fold_in(key(seed), i)."""
-        f = self.vae_scale_factor
-        shape = (self.transformer.config.in_channels, height // f, width // f)
-        key = jax.random.key(seed)
-        return jnp.stack([jax.random.normal(jax.random.fold_in(key, i), shape) for i in range(n)])
+    @property
+    def size_multiple(self) -> int:
+        return self.vae_scale_factor
 
     def encode(self, prompts: Sequence[str],
                negative_prompt: str | Sequence[str] | None = ""):
@@ -86,17 +66,10 @@ class SanaTextToImage:
     def _prepare(self, prompts, seed, num_steps, guidance, height, width, latents,
                  negative_prompt):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        f = self.vae_scale_factor
-        height = _size(height or self.height, f, "height")
-        width = _size(width or self.width, f, "width")
-        steps = self.num_steps if num_steps is None else num_steps
-        g = self.guidance if guidance is None else float(guidance)
-        if not np.isfinite(g):
-            raise ValueError(f"guidance must be finite, got {g}")
+        steps, g, height, width = self._settings(num_steps, guidance, height, width)
         # The negative prompt is encoded only for classifier-free guidance (g > 1).
         embeds, mask, neg, neg_mask = self.encode(prompts, negative_prompt if g > 1 else None)
-        noise = self.initial_noise(len(prompts), seed, height, width) if latents is None \
-            else jnp.asarray(latents, jnp.float32)
+        noise = self._noise(len(prompts), seed, height, width, latents)
         schedule = SanaSchedule.from_config(self.scheduler_config, steps)
         return (self.transformer, noise, schedule, embeds, mask, neg, neg_mask), g
 
@@ -140,28 +113,12 @@ class SanaTextToImage:
         image = self.vae.decode(z).astype(jnp.float32)
         return np.asarray(jnp.moveaxis(jnp.clip(image / 2 + 0.5, 0, 1), 1, -1))
 
-    def generate(self, prompts: str | Sequence[str], **kwargs: Any) -> np.ndarray:
-        """Images `(b, H, W, 3)` in [0, 1]; keywords as `sample_latents`."""
-        return self.decode(self.sample_latents(prompts, **kwargs))
+    def _scheduler_settings(self) -> dict[str, Any]:
+        return {"scheduler_config": self.scheduler_config}
 
-    def with_transformer(self, transformer: Any, quant_config: Any = None,
-                         report: Any = None) -> SanaTextToImage:
-        return dataclasses.replace(self, transformer=transformer, quant_config=quant_config,
-                                   report=report)
-
-    def save_parts(self, folder: Path) -> None:
-        """Everything but the transformer (which `pqjax.save` writes), for `load_parts`."""
-        settings = {name: getattr(self, name) for name in SETTINGS}
-        save_lm_parts(folder, self.text_encoder, self.tokenizer, self.vae,
-                      {**settings, "scheduler_config": self.scheduler_config})
-
-    @classmethod
-    def load_parts(cls, folder: Path, transformer: Any, **fields: Any) -> SanaTextToImage:
-        """The pipeline `save_parts` wrote, around a restored `transformer`."""
-        text_encoder, tokenizer, vae, settings = load_lm_parts(folder)
-        return cls(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
-                   vae=vae, scheduler_config=settings.pop("scheduler_config"),
-                   **{k: settings[k] for k in SETTINGS}, **fields)
+    @staticmethod
+    def _scheduler_fields(settings: dict[str, Any]) -> dict[str, Any]:
+        return {"scheduler_config": settings["scheduler_config"]}
 
 
 def load_sana(root: Path, dtype: Any = jnp.float32, *,

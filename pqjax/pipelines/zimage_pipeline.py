@@ -26,16 +26,14 @@ from pqjax.models.lm_prompts import ZIMAGE_MAX_SEQUENCE_LENGTH, zimage_encode_pr
 from pqjax.models.lm_tokenizer import LMTokenizer
 from pqjax.models.qwen3 import Qwen3Model
 from pqjax.models.vae import AutoencoderKL, latents_to_vae
-from pqjax.pipelines.components import load_lm_parts, read_json_object, save_lm_parts
+from pqjax.pipelines.components import read_json_object
 from pqjax.pipelines.flow import FlowMatchEuler
-from pqjax.pipelines.pipeline import SamplingDefaults
+from pqjax.pipelines.lm_pipeline import LMTextToImage
 from pqjax.pipelines.zimage import DEFAULT_STEPS, zimage_sample, zimage_schedule
 
-# Sampling settings a checkpoint keeps (the schedule is kept beside them).
-SETTINGS = ("num_steps", "guidance", "height", "width", "max_sequence_length")
 
 @dataclasses.dataclass
-class ZImageTextToImage:
+class ZImageTextToImage(LMTextToImage):
     """Z-Image transformer + Qwen3 + the FLUX-style VAE + the flow-matching Euler scheduler."""
 
     transformer: Any
@@ -53,47 +51,26 @@ class ZImageTextToImage:
     report: Any = None
 
     @property
-    def defaults(self) -> SamplingDefaults:
-        """The sampling defaults in the FLUX pipeline's terms (what the CLI prints)."""
-        return SamplingDefaults(num_inference_steps=self.num_steps, guidance_scale=self.guidance,
-                                height=self.height, width=self.width,
-                                latent_channels=self.transformer.config.in_channels,
-                                vae_scale_factor=self.vae_scale_factor)
-
-    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def initial_noise(self, n: int, seed: int, height: int, width: int) -> jax.Array:
-        """`(n, c, H/f, W/f)` float32 noise (f = 8); image i from fold_in(key(seed), i)."""
-        f = self.vae_scale_factor
-        shape = (self.transformer.config.in_channels, 2 * (height // (2 * f)),
-                 2 * (width // (2 * f)))
-        key = jax.random.key(seed)
-        return jnp.stack([jax.random.normal(jax.random.fold_in(key, i), shape) for i in range(n)])
+    @property
+    def size_multiple(self) -> int:
+        return 2 * self.vae_scale_factor  # 2x2 patches of latents
 
     def _prepare(self, prompts, seed, num_steps, guidance, height, width, latents):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        g = self.guidance if guidance is None else float(guidance)
-        if not np.isfinite(g) or g > 1.0:
+        steps, g, height, width = self._settings(num_steps, guidance, height, width)
+        if g > 1.0:
             raise ValueError(f"guidance {g}: Z-Image-Turbo samples without classifier-free "
                              "guidance (0 or 1); guided sampling is not implemented")
-        f2 = 2 * self.vae_scale_factor
-        height, width = height or self.height, width or self.width
-        for what, v in (("height", height), ("width", width)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < f2 or v % f2:
-                raise ValueError(f"{what} must be a positive multiple of {f2}, got {v!r}")
-        steps = self.num_steps if num_steps is None else num_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"num_steps must be a positive int, got {steps!r}")
         caps, lengths = zimage_encode_prompt(prompts, self.text_encoder, self.tokenizer,
                                              max_sequence_length=self.max_sequence_length)
         # Only the real tokens matter (the pipeline hands the transformer those alone): cut the
         # all-padding columns, keeping a multiple of 32 so lengths share compiled programs.
         keep = min(caps.shape[1], -(-int(lengths.max()) // 32) * 32)
         caps = caps[:, :keep]
-        noise = self.initial_noise(len(prompts), seed, height, width) if latents is None \
-            else jnp.asarray(latents, jnp.float32)
+        noise = self._noise(len(prompts), seed, height, width, latents)
         seq = (noise.shape[2] // 2) * (noise.shape[3] // 2)
         schedule = zimage_schedule(self.scheduler, steps, image_seq_len=seq)
         return self.transformer, noise, schedule, caps, jnp.asarray(lengths)
@@ -133,28 +110,12 @@ class ZImageTextToImage:
         image = jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0, 1)
         return np.asarray(jnp.moveaxis(image, 1, -1))
 
-    def generate(self, prompts: str | Sequence[str], **kwargs: Any) -> np.ndarray:
-        """Images `(b, H, W, 3)` in [0, 1]; keywords as `sample_latents`."""
-        return self.decode(self.sample_latents(prompts, **kwargs))
+    def _scheduler_settings(self) -> dict[str, Any]:
+        return {"scheduler": dataclasses.asdict(self.scheduler)}
 
-    def with_transformer(self, transformer: Any, quant_config: Any = None,
-                         report: Any = None) -> ZImageTextToImage:
-        return dataclasses.replace(self, transformer=transformer, quant_config=quant_config,
-                                   report=report)
-
-    def save_parts(self, folder: Path) -> None:
-        """Everything but the transformer (which `pqjax.save` writes), for `load_parts`."""
-        settings = {name: getattr(self, name) for name in SETTINGS}
-        save_lm_parts(folder, self.text_encoder, self.tokenizer, self.vae,
-                      {**settings, "scheduler": dataclasses.asdict(self.scheduler)})
-
-    @classmethod
-    def load_parts(cls, folder: Path, transformer: Any, **fields: Any) -> ZImageTextToImage:
-        """The pipeline `save_parts` wrote, around a restored `transformer`."""
-        text_encoder, tokenizer, vae, settings = load_lm_parts(folder)
-        return cls(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
-                   vae=vae, scheduler=FlowMatchEuler(**settings.pop("scheduler")),
-                   **{k: settings[k] for k in SETTINGS}, **fields)
+    @staticmethod
+    def _scheduler_fields(settings: dict[str, Any]) -> dict[str, Any]:
+        return {"scheduler": FlowMatchEuler(**settings["scheduler"])}
 
 
 def load_zimage(root: Path, dtype: Any = jnp.float32, *,
