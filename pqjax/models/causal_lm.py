@@ -14,6 +14,7 @@ state and never generates, so there is no KV cache.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import jax
@@ -21,6 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pqjax.models.configs import ConfigError
+from pqjax.models.layers import Linear
+from pqjax.models.presets_text import activation, parse_config
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -128,3 +131,48 @@ def check_positive_ints(config: Any, names: tuple[str, ...], source: str) -> Non
         v = getattr(config, name)
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ConfigError(f"{source}: {name} must be a positive integer, got {v!r}")
+
+
+def check_lm_shape(config: Any, source: str) -> None:
+    """The sizes both LM configs share are positive ints, and the query heads group evenly
+    over the key/value heads."""
+    check_positive_ints(config, ("vocab_size", "hidden_size", "intermediate_size",
+                                 "num_hidden_layers", "num_attention_heads",
+                                 "num_key_value_heads", "head_dim"), source)
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise ConfigError(f"{source}: num_attention_heads {config.num_attention_heads} is not a "
+                          f"multiple of num_key_value_heads {config.num_key_value_heads}")
+
+
+def read_lm_config(cls: type, raw: Any, source: str, model_type: str,
+                   ignored: tuple[str, ...], default_theta: float) -> Any:
+    """A transformers LM config.json (4.x `rope_theta` or 5.x `rope_parameters`) as `cls`,
+    whose `rope_theta` field takes the RoPE base; unknown fields are errors."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a config must be a JSON object, got {type(raw).__name__}")
+    if raw.get("model_type", model_type) != model_type:
+        raise ConfigError(f"{source}: model_type {raw.get('model_type')!r} is not {model_type!r}")
+    cfg = parse_config(cls, raw, source, ignored)
+    return dataclasses.replace(cfg, rope_theta=rope_theta(raw, source, default_theta))
+
+
+def write_lm_config(config: Any, architecture: str, model_type: str) -> dict[str, Any]:
+    """The config.json transformers' `<architecture>.from_pretrained` reads back to `config`."""
+    fields = {k: list(v) if isinstance(v, tuple) else v
+              for k, v in dataclasses.asdict(config).items()}
+    theta = fields.pop("rope_theta")
+    return {"architectures": [architecture], "model_type": model_type, **fields,
+            "rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+
+
+class GatedMLP(nnx.Module):
+    """`down(act(gate x) * up x)`, no biases (Gemma-2: gelu_tanh; Qwen3: silu)."""
+
+    def __init__(self, d: int, ff: int, act: str, *, dtype: Any, rngs: nnx.Rngs):
+        self.act = act
+        self.gate_proj = Linear(d, ff, use_bias=False, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(d, ff, use_bias=False, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(ff, d, use_bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(activation(self.act)(self.gate_proj(x)) * self.up_proj(x))

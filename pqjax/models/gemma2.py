@@ -25,18 +25,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pqjax.models.causal_lm import (
+    GatedMLP,
     LMRMSNorm,
     apply_rope,
     causal_mask,
-    check_positive_ints,
+    check_lm_shape,
     gqa_attention,
+    read_lm_config,
     rope_tables,
-    rope_theta,
+    write_lm_config,
 )
 from pqjax.models.configs import ConfigError
 from pqjax.models.conv import Embedding
 from pqjax.models.layers import Linear
-from pqjax.models.presets_text import GENERIC_FIELDS, activation, check_activation, parse_config
+from pqjax.models.presets_text import GENERIC_FIELDS, check_activation
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 # Fields that do not change the encoder's forward pass: the LM head's final soft-cap, special
@@ -71,12 +73,7 @@ class Gemma2Config:
 
     def __post_init__(self):
         src = "Gemma2Config"
-        check_positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size",
-                                   "num_hidden_layers", "num_attention_heads",
-                                   "num_key_value_heads", "head_dim"), src)
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"{src}: num_attention_heads {self.num_attention_heads} is not a "
-                              f"multiple of num_key_value_heads {self.num_key_value_heads}")
+        check_lm_shape(self, src)
         if self.layer_types is None:
             kinds = tuple(LAYER_TYPES[i % 2] for i in range(self.num_hidden_layers))
             object.__setattr__(self, "layer_types", kinds)
@@ -96,23 +93,16 @@ class Gemma2Config:
 
 def read_config(raw: dict[str, Any], source: str) -> Gemma2Config:
     """Parse a transformers Gemma-2 config.json (4.x `rope_theta` or 5.x `rope_parameters`)."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: a config must be a JSON object, got {type(raw).__name__}")
-    if raw.get("model_type", "gemma2") != "gemma2":
-        raise ConfigError(f"{source}: model_type {raw.get('model_type')!r} is not 'gemma2'")
-    act = raw.get("hidden_activation", raw.get("hidden_act", "gelu_pytorch_tanh"))
-    check_activation(act, "hidden_activation", source)
-    cfg = parse_config(Gemma2Config, {**raw, "hidden_activation": act}, source, CONFIG_IGNORED)
-    return dataclasses.replace(cfg, rope_theta=rope_theta(raw, source, 10000.0))
+    if isinstance(raw, dict):  # 4.x configs name the activation hidden_act too
+        act = raw.get("hidden_activation", raw.get("hidden_act", "gelu_pytorch_tanh"))
+        check_activation(act, "hidden_activation", source)
+        raw = {**raw, "hidden_activation": act}
+    return read_lm_config(Gemma2Config, raw, source, "gemma2", CONFIG_IGNORED, 10000.0)
 
 
 def write_config(config: Gemma2Config) -> dict[str, Any]:
     """The config.json transformers' `Gemma2Model.from_pretrained` reads back to `config`."""
-    fields = dataclasses.asdict(config)
-    theta = fields.pop("rope_theta")
-    fields["layer_types"] = list(fields["layer_types"])
-    return {"architectures": ["Gemma2Model"], "model_type": "gemma2", **fields,
-            "rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+    return write_lm_config(config, "Gemma2Model", "gemma2")
 
 
 # Gemma-2-2B-it as SANA-1.5-1.6B ships it in `text_encoder/` (2.61 B parameters).
@@ -142,18 +132,6 @@ class Gemma2Attention(nnx.Module):
         return self.o_proj(out.reshape(b, s, -1))
 
 
-class Gemma2MLP(nnx.Module):
-    def __init__(self, config: Gemma2Config, *, dtype: Any, rngs: nnx.Rngs):
-        d, ff = config.hidden_size, config.intermediate_size
-        self.act = config.hidden_activation
-        self.gate_proj = Linear(d, ff, use_bias=False, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(d, ff, use_bias=False, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(ff, d, use_bias=False, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Gemma2DecoderLayer(nnx.Module):
     def __init__(self, config: Gemma2Config, layer: int, *, dtype: Any, rngs: nnx.Rngs):
         def norm():
@@ -161,7 +139,8 @@ class Gemma2DecoderLayer(nnx.Module):
 
         self.sliding = config.layer_types[layer] == "sliding_attention"
         self.self_attn = Gemma2Attention(config, layer, dtype=dtype, rngs=rngs)
-        self.mlp = Gemma2MLP(config, dtype=dtype, rngs=rngs)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size,
+                            config.hidden_activation, dtype=dtype, rngs=rngs)
         self.input_layernorm = norm()
         self.post_attention_layernorm = norm()
         self.pre_feedforward_layernorm = norm()

@@ -24,18 +24,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pqjax.models.causal_lm import (
+    GatedMLP,
     LMRMSNorm,
     apply_rope,
     causal_mask,
-    check_positive_ints,
+    check_lm_shape,
     gqa_attention,
+    read_lm_config,
     rope_tables,
-    rope_theta,
+    write_lm_config,
 )
 from pqjax.models.configs import ConfigError
 from pqjax.models.conv import Embedding
 from pqjax.models.layers import Linear
-from pqjax.models.presets_text import GENERIC_FIELDS, activation, check_activation, parse_config
+from pqjax.models.presets_text import GENERIC_FIELDS, check_activation
 
 CONFIG_IGNORED: tuple[str, ...] = (
     *GENERIC_FIELDS, "pad_token_id", "eos_token_id", "bos_token_id", "tie_word_embeddings",
@@ -63,33 +65,21 @@ class Qwen3Config:
 
     def __post_init__(self):
         src = "Qwen3Config"
-        check_positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size",
-                                   "num_hidden_layers", "num_attention_heads",
-                                   "num_key_value_heads", "head_dim"), src)
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"{src}: num_attention_heads {self.num_attention_heads} is not a "
-                              f"multiple of num_key_value_heads {self.num_key_value_heads}")
+        check_lm_shape(self, src)
         if self.use_sliding_window:
             raise ConfigError(f"{src}: use_sliding_window is not supported (Qwen3 ships without)")
 
 
 def read_config(raw: dict[str, Any], source: str) -> Qwen3Config:
     """Parse a transformers Qwen3 config.json (4.x `rope_theta` or 5.x `rope_parameters`)."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: a config must be a JSON object, got {type(raw).__name__}")
-    if raw.get("model_type", "qwen3") != "qwen3":
-        raise ConfigError(f"{source}: model_type {raw.get('model_type')!r} is not 'qwen3'")
-    check_activation(raw.get("hidden_act", "silu"), "hidden_act", source)
-    cfg = parse_config(Qwen3Config, raw, source, CONFIG_IGNORED)
-    return dataclasses.replace(cfg, rope_theta=rope_theta(raw, source, 1000000.0))
+    if isinstance(raw, dict):
+        check_activation(raw.get("hidden_act", "silu"), "hidden_act", source)
+    return read_lm_config(Qwen3Config, raw, source, "qwen3", CONFIG_IGNORED, 1000000.0)
 
 
 def write_config(config: Qwen3Config) -> dict[str, Any]:
     """The config.json transformers' `Qwen3Model.from_pretrained` reads back to `config`."""
-    fields = dataclasses.asdict(config)
-    theta = fields.pop("rope_theta")
-    return {"architectures": ["Qwen3Model"], "model_type": "qwen3", **fields,
-            "rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+    return write_lm_config(config, "Qwen3Model", "qwen3")
 
 
 # Qwen3-4B as Z-Image-Turbo ships it in `text_encoder/` (4.02 B parameters without the head).
@@ -120,22 +110,11 @@ class Qwen3Attention(nnx.Module):
         return self.o_proj(out.reshape(b, s, -1))
 
 
-class Qwen3MLP(nnx.Module):
-    def __init__(self, config: Qwen3Config, *, dtype: Any, rngs: nnx.Rngs):
-        d, ff = config.hidden_size, config.intermediate_size
-        self.act = config.hidden_act
-        self.gate_proj = Linear(d, ff, use_bias=False, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(d, ff, use_bias=False, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(ff, d, use_bias=False, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Qwen3DecoderLayer(nnx.Module):
     def __init__(self, config: Qwen3Config, *, dtype: Any, rngs: nnx.Rngs):
         self.self_attn = Qwen3Attention(config, dtype=dtype, rngs=rngs)
-        self.mlp = Qwen3MLP(config, dtype=dtype, rngs=rngs)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
+                            dtype=dtype, rngs=rngs)
         self.input_layernorm = LMRMSNorm(config.hidden_size, eps=config.rms_norm_eps,
                                          offset=0.0, dtype=dtype)
         self.post_attention_layernorm = LMRMSNorm(config.hidden_size, eps=config.rms_norm_eps,
