@@ -186,3 +186,19 @@ def test_sana_through_the_cli(sana_folder, tmp_path):
                  "--no-compile-cache"]) == 0
     assert Image.open(image).size == (32, 32)
     assert main(["report", str(ckpt)]) == 0
+
+
+def test_noise_takes_any_seed_like_the_flux_pipeline(sana_folder):
+    """Seeds past 32 bits are honoured (not cut, not refused), as `pipeline.seed_key` does."""
+    import jax
+
+    from pqjax.pipelines.pipeline import seed_key
+
+    pipe = pqjax.load_pipeline(sana_folder)
+    big = pipe.initial_noise(2, 2**32 + 5, 32, 32)
+    assert big.shape == (2, 4, 8, 8)
+    assert not np.array_equal(big, pipe.initial_noise(2, 5, 32, 32))
+    want = jax.random.normal(jax.random.fold_in(seed_key(2**32 + 5), 1), (4, 8, 8))
+    np.testing.assert_array_equal(big[1], want)  # the same draw, the same computation
+    with pytest.raises(ValueError, match="num_steps must be an integer >= 1"):
+        pipe.generate(PROMPTS[:1], num_steps=0)
