@@ -1,30 +1,26 @@
-"""Test-wide settings: float32 matmuls at full precision, so parity bounds mean what they say;
-a persistent compilation cache for the test run.
+"""Test-wide settings: float32 matmuls at full precision, so parity bounds mean what they say.
 
 Under pytest-xdist (`make test` runs 2 processes) a GPU is shared, so no process preallocates
 most of its memory.
 
-The compilation cache (`.cache/jax-tests` in the repository, git-ignored; PQJAX_TEST_JAX_CACHE
-moves it, an empty value turns it off) keeps every program that took over 0.1 s to compile:
-tests that rebuild the same program (a new jit wrapper, a restored model, a CLI or
-multi-device subprocess, the other xdist process) load it instead of compiling it again, and
-a second run compiles almost nothing. It is set through JAX's environment variables, so the
-subprocesses that tests start use it too. A size limit turns on JAX's file lock around every
-cache read and write, so the two xdist processes never read an entry the other is still
-writing.
+No persistent compilation cache by default. A run with one crashed with a segmentation fault
+inside jax's cache read (`compilation_cache.get_executable_and_time`, deserializing an
+executable the other xdist process had written), so programs are compiled in each process.
+PQJAX_TEST_JAX_CACHE=<folder> turns jax's cache on for a local run, at that risk. pqjax's own
+command cache (pqjax.compile_cache) is off too, so CLI subprocesses never write to the user's
+~/.cache; tests of that cache turn it on in a temporary folder.
 """
 
 import os
 import sys
-from pathlib import Path
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+os.environ.setdefault("PQJAX_COMPILE_CACHE", "0")
+
 _CACHE_ENV = {
-    "JAX_COMPILATION_CACHE_DIR": os.environ.get(
-        "PQJAX_TEST_JAX_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "jax-tests")
-    ),
+    "JAX_COMPILATION_CACHE_DIR": os.environ.get("PQJAX_TEST_JAX_CACHE", ""),
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1",
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30),  # 4 GiB, least recently used evicted
