@@ -60,7 +60,7 @@ NORM_TABLE_D = (1024, 3072)
 # one M per MATMUL_TABLE row (its upper bound; FLUX's 4608 tokens for the open row)
 MATMUL_TABLE_M = (16, 64, 256, TOKENS)
 MATMULS = ("nvfp4", "mxfp4_fp8", "mxfp4_bf16", "w4a16")
-# FP8 MMAs exist from sm_89; pallas_kernels.dispatch takes the bf16 path below it
+# FP8 MMAs exist from sm_89; pqjax.backends.dispatch takes the bf16 path below it
 FP8_TARGETS = ("sm_90a", "sm_120")
 
 

@@ -76,7 +76,7 @@ fi
 # The compiled-Triton half of the kernel tests (id 'triton'); on CPU they skip "no CUDA GPU".
 phase gpu_tests 120 "$PY" -m pytest -q -p no:xdist -p no:cacheprovider -rs \
   tests/pallas_kernels/test_permuted_norm.py tests/pallas_kernels/test_fp4_matmul.py \
-  tests/pallas_kernels/test_dispatch.py -k triton
+  tests/backends/test_dispatch.py -k triton
 for part in norm matmul blocks; do
   if [ $REHEARSE = 1 ]; then
     # without a GPU kernels_gpu.py says so and exits 0: this checks that path and the CLI

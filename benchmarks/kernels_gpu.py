@@ -35,10 +35,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import timeit, write_results
-from pallas_kernels import dispatch
 from pallas_kernels.fp4_matmul import fp4_matmul, fp8_exact, w4a16_matmul
 from pallas_kernels.permuted_norm import permuted_norm, permuted_norm_reference
 from pqjax import formats
+from pqjax.backends import dispatch
 
 # HBM peak bytes/s by device-kind substring (first match wins: specific names first)
 HBM_PEAK = (
@@ -167,8 +167,8 @@ def bench_blocks(interpret: bool, reps: dict) -> list[dict]:
     from flax import nnx
 
     import pqjax
-    from pallas_kernels import fusion
     from pqjax import permute
+    from pqjax.backends import fusion
     from pqjax.models.flux import FluxConfig, FluxTransformer2DModel
     from pqjax.report import model_bytes
 

@@ -9,53 +9,67 @@
     calib = pqjax.calibrate(model, batches)        # or piece by piece, on any NNX DiT
     qmodel, report = pqjax.quantize(model, calib, pqjax.QuantConfig(weights="int4", group=64))
 
-    pqjax.streaming.stream_quantize(...)           # block by block (imported on first use)
+    pqjax.streaming.stream_quantize(...)           # block by block
+
+Every name, and every submodule (`pqjax.formats`, `pqjax.permute`, ...), is imported on first
+use, so `import pqjax.formats` (as `pallas_kernels` does) loads only the formats.
 """
 
 import importlib
+import importlib.util
+import sys
+import types
 from typing import Any
 
-from pqjax.api import calibrate_pipeline, convert_and_quantize, quantize_pipeline
-from pqjax.calibrate import calibrate
-from pqjax.checkpoint import restore, save
-from pqjax.layers import QuantLinear, set_backend
-from pqjax.memory import MemoryEstimate, estimate_memory
-from pqjax.methods import Plan, method_names, register_method
-from pqjax.pipelines.load import EMBEDDED, load_pipeline
-from pqjax.pipelines.pipeline import Pipeline
-from pqjax.quantize import QuantConfig, quantize
-from pqjax.report import QuantReport
+# public name -> the module that defines it
+_PUBLIC = {
+    "EMBEDDED": "pqjax.pipelines.load",
+    "MemoryEstimate": "pqjax.memory",
+    "Pipeline": "pqjax.pipelines.pipeline",
+    "Plan": "pqjax.methods",
+    "QuantConfig": "pqjax.quantize",
+    "QuantLinear": "pqjax.layers",
+    "QuantReport": "pqjax.report",
+    "calibrate": "pqjax.calibrate",
+    "calibrate_pipeline": "pqjax.api",
+    "convert_and_quantize": "pqjax.api",
+    "estimate_memory": "pqjax.memory",
+    "load_pipeline": "pqjax.pipelines.load",
+    "method_names": "pqjax.methods",
+    "quantize": "pqjax.quantize",
+    "quantize_pipeline": "pqjax.api",
+    "register_method": "pqjax.methods",
+    "restore": "pqjax.checkpoint",
+    "save": "pqjax.checkpoint",
+    "set_backend": "pqjax.backends",
+}
+# functions named like the module that defines them: `pqjax.quantize` is the function
+_SHADOWED = frozenset(n for n, m in _PUBLIC.items() if m == f"pqjax.{n}")
 
-# Submodules imported on first attribute access, so `import pqjax` stays light and
-# `pqjax.streaming` works without its own import line.
-_LAZY_SUBMODULES = ("streaming",)
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        # importing pqjax.quantize sets the package attribute to the submodule; keep the function
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY_SUBMODULES:
-        return importlib.import_module(f"pqjax.{name}")
-    raise AttributeError(f"module 'pqjax' has no attribute {name!r}")
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    elif importlib.util.find_spec(f"pqjax.{name}") is not None:
+        value = importlib.import_module(f"pqjax.{name}")
+    else:
+        raise AttributeError(f"module 'pqjax' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
-__all__ = [
-    "EMBEDDED",
-    "MemoryEstimate",
-    "Pipeline",
-    "Plan",
-    "QuantConfig",
-    "QuantLinear",
-    "QuantReport",
-    "calibrate",
-    "calibrate_pipeline",
-    "convert_and_quantize",
-    "estimate_memory",
-    "load_pipeline",
-    "method_names",
-    "quantize",
-    "quantize_pipeline",
-    "register_method",
-    "restore",
-    "save",
-    "set_backend",
-    "streaming",
-]
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+sys.modules[__name__].__class__ = _Package
+
+__all__ = sorted([*_PUBLIC, "streaming"])

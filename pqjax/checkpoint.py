@@ -184,7 +184,7 @@ def restore(ckpt_dir: str | os.PathLike, *, backend: str = "xla") -> Pipeline:
     Every file is checked against checksums.json first: a missing or damaged file is a
     CheckpointError naming it (and the transformer arrays it changed), before anything loads.
     """
-    from pqjax.layers import set_backend
+    from pqjax.backends import set_backend
 
     root = Path(ckpt_dir).expanduser().resolve()  # orbax reads no metadata from relative paths
     meta = _read_meta(root)

@@ -19,7 +19,7 @@ from pqjax import formats
 from pqjax.errors import CheckpointError
 from pqjax.layers import QuantLinear, QuantState
 from pqjax.models.layers import Linear, Permutation
-from pqjax.permute.absorb import module_at
+from pqjax.models.paths import module_at
 from pqjax.quantize import set_module
 
 

@@ -33,7 +33,7 @@ def warn_pallas_without_gpu(backend: str) -> None:
     """The README's promise: --backend pallas off a CUDA GPU says that XLA serves instead."""
     if backend != "pallas":
         return
-    from pallas_kernels import dispatch
+    from pqjax.backends import dispatch
 
     # The library's own once-per-process warning, printed here before any work (and then not
     # repeated when the model is switched).

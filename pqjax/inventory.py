@@ -20,6 +20,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from pqjax.models.zimage_blocks import ffn_hidden
+
 
 @dataclasses.dataclass
 class Inventory:
@@ -164,14 +166,10 @@ def sana(c: Any) -> Inventory:
 ZIMAGE_FREQ_DIM, ZIMAGE_T_MID, ZIMAGE_ADALN_MAX = 256, 1024, 256
 
 
-def zimage_ffn_hidden(dim: int) -> int:
-    return int(dim / 3 * 8)
-
-
 def zimage(c: Any) -> Inventory:
     inv = Inventory()
     dim, adaln = c.dim, min(c.dim, ZIMAGE_ADALN_MAX)
-    hidden = zimage_ffn_hidden(dim)
+    hidden = ffn_hidden(dim)
 
     def block(p: str, modulation: bool) -> None:
         a = f"{p}.attention"

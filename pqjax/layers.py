@@ -8,12 +8,13 @@ Backends (one switch, `set_backend(model, name)`):
 - "xla"        fake-quantized activations and the dequantized packed weight in XLA (default);
 - "xla_packed" activations really packed to codes and unpacked again: bit-identical to "xla",
                exercises the storage path;
-- "pallas"     the fused Pallas kernels (GPU), dispatched by `pallas_kernels`.
+- "pallas"     the fused Pallas kernels (GPU), bound by `pqjax.backends` (`register_linear_route`).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -22,9 +23,27 @@ import numpy as np
 from flax import nnx
 
 from pqjax import formats
-from pqjax.models.layers import LayerNorm, Linear, RMSNorm
+from pqjax.models.layers import Linear
 
 BACKENDS = ("xla", "xla_packed", "pallas")
+LinearRoute = Callable[..., jax.Array]
+_LINEAR_ROUTES: dict[str, LinearRoute] = {}
+
+
+def register_linear_route(backend: str, route: LinearRoute) -> None:
+    """Serve QuantLinears whose `backend` is `backend` by `route(qlin, x, xq=None)`: x in the
+    layer's dtype (None when a fused norm gave only codes), xq the norm's quantized output."""
+    _LINEAR_ROUTES[backend] = route
+
+
+def _linear_route(qlin: QuantLinear) -> LinearRoute:
+    try:
+        return _LINEAR_ROUTES[qlin.backend]
+    except KeyError:
+        raise ValueError(
+            f"QuantLinear: backend {qlin.backend!r} is not bound; switch backends with "
+            "pqjax.set_backend(model, ...)"
+        ) from None
 
 
 @functools.partial(jax.jit, static_argnames=("fmt",))
@@ -195,10 +214,8 @@ class QuantLinear(nnx.Module):
         """x `(..., d_in)`, or a fused norm's PendingNorm ("pallas": the norm quantized x)."""
         xq = None
         if not isinstance(x, jax.Array | np.ndarray):
-            x, xq = x.resolve(self)  # pallas_kernels.fusion.PendingNorm
+            x, xq = x.resolve(self)  # pqjax.backends.fusion.PendingNorm
             if x is None:  # the fused norm wrote only the codes: the kernel reads them
-                from pallas_kernels.dispatch import quant_linear
-
                 if self.observer is not None or self.input_scale is not None:
                     raise ValueError(
                         "QuantLinear: a fused norm gave only quantized input, but this layer "
@@ -206,16 +223,14 @@ class QuantLinear(nnx.Module):
                         'was fused; call pqjax.set_backend(model, "pallas") again after '
                         "attaching observers or input scales"
                     )
-                return quant_linear(self, None, xq=xq)
+                return _linear_route(self)(self, None, xq=xq)
         if self.observer is not None:
             self.observer(x)
         x = x.astype(self.dtype)
         if self.input_scale is not None:
             x = x * self.input_scale[...]
-        if self.backend == "pallas":
-            from pallas_kernels.dispatch import quant_linear
-
-            return quant_linear(self, x, xq=xq)  # bias and low-rank branch as its epilogue
+        if self.backend not in ("xla", "xla_packed"):
+            return _linear_route(self)(self, x, xq=xq)  # bias and low-rank branch: epilogue
         return self.xla_forward(x)
 
     def xla_forward(self, x: jax.Array) -> jax.Array:
@@ -260,25 +275,3 @@ def _check_represented(kernel: jax.Array, qt: formats.QTensor, fmt: formats.Form
             f"{fmt.name}: the weight's largest magnitude {w_max:.4g} overflows the format "
             f"(it quantizes to {dq_max:.4g}); rescale the layer or keep it in 16-bit"
         )
-
-
-def set_backend(model: nnx.Module, backend: str) -> nnx.Module:
-    """Switch every QuantLinear and norm in `model` to `backend`, in place.
-
-    With "pallas", norms whose consumers allow it also quantize for them in the same kernel
-    pass (`pallas_kernels.fusion.plan`).
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, QuantLinear):
-            node.backend = backend
-        elif isinstance(node, LayerNorm | RMSNorm):
-            node.backend = "pallas" if backend == "pallas" else "xla"
-            node.fuse_quant = node.fuse_dense = False
-    if backend == "pallas":
-        from pallas_kernels import dispatch, fusion
-
-        dispatch.warn_no_gpu()
-        fusion.plan(model)
-    return model

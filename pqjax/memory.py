@@ -7,14 +7,13 @@ Sizes are exact for what is stored: the parameters come from `pqjax.inventory` (
 path, to the abstract modules), every Linear the config quantizes is sized by abstract
 evaluation of the format's own `quantize` (codes, block scales, global scale), its bias and
 every other parameter stay 16-bit. Peaks are estimates from each family's memory model (its
-token counts and widths, `FAMILY_MEMORY`) under the assumptions listed with them.
+token counts and widths, `Family.memory`) under the assumptions listed with them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -22,107 +21,29 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pqjax.inventory import Inventory, inventory, zimage_ffn_hidden
+from pqjax.inventory import Inventory, inventory
+from pqjax.models.family import FamilyMemory, families, family_of_preset
 from pqjax.quantize import QuantConfig, is_skipped
 
 GiB = 2**30
 
 
 def _presets() -> dict[str, dict[str, Any]]:
-    """Each preset's component configs (the module classes are in `pqjax.inventory`)."""
-    from pqjax.models.clip import CLIP_L_FLUX
-    from pqjax.models.dcae import SANA_DCAE
-    from pqjax.models.flux import FluxConfig
-    from pqjax.models.gemma2 import GEMMA2_2B
-    from pqjax.models.qwen3 import QWEN3_4B
-    from pqjax.models.sana import PRESETS as SANA
-    from pqjax.models.t5 import T5_XXL_FLUX
-    from pqjax.models.vae import FLUX_VAE_CONFIG
-    from pqjax.models.zimage import PRESETS as ZIMAGE
-
-    flux_parts = {
-        "text_encoder": CLIP_L_FLUX,
-        "text_encoder_2": T5_XXL_FLUX,
-        "vae": FLUX_VAE_CONFIG,
-    }
-    return {
-        "flux-dev": {"transformer": FluxConfig(guidance_embeds=True), **flux_parts},
-        "flux-schnell": {"transformer": FluxConfig(), **flux_parts},
-        "sana-1.5-1.6b": {"transformer": SANA["sana-1.5-1.6b"], "text_encoder": GEMMA2_2B,
-                          "vae": SANA_DCAE},
-        "z-image-turbo": {"transformer": ZIMAGE["z-image-turbo"], "text_encoder": QWEN3_4B,
-                          "vae": FLUX_VAE_CONFIG},
-    }
+    """Each preset's component configs, from the family records (the module classes are in
+    `pqjax.inventory`)."""
+    return {name: parts for fam in families() for name, parts in fam.presets().items()}
 
 
 def preset_names() -> list[str]:
     return sorted(_presets())
 
 
-@dataclasses.dataclass(frozen=True)
-class FamilyMemory:
-    """What sets a transformer family's activation memory at a resolution.
-
-    pixels_per_token: image pixels per token along each axis (autoencoder downscale x patch);
-    text_tokens: the pipeline's default caption length; mlp_live: channels per token of the
-    widest feed-forward intermediate; joint: text tokens share the image tokens' sequence
-    (else they enter by cross-attention); softmax_self_attention: False for linear attention
-    (no token x token scores); block_lists: the module lists that hold the blocks.
-    """
-
-    dim: int
-    heads: int
-    pixels_per_token: int
-    text_tokens: int
-    mlp_live: int
-    joint: bool
-    softmax_self_attention: bool
-    block_lists: tuple[str, ...]
-    notes: str
-
-    def image_tokens(self, height: int, width: int) -> int:
-        return (height // self.pixels_per_token) * (width // self.pixels_per_token)
-
-
-def _flux_memory(c: Any, name: str) -> FamilyMemory:
-    dim = c.inner_dim
-    return FamilyMemory(
-        dim, c.num_attention_heads, 16, 512 if name == "flux-dev" else 256, 4 * dim, True, True,
-        ("transformer_blocks", "single_transformer_blocks"),
-        "VAE 8x, 2x2 latent patches; T5 tokens; MLP 4d",
-    )
-
-
-def _sana_memory(c: Any, name: str) -> FamilyMemory:
-    dim, hidden = c.inner_dim, int(c.mlp_ratio * c.inner_dim)
-    return FamilyMemory(
-        dim, c.num_attention_heads, 32 * c.patch_size, 300, 2 * hidden, False, False,
-        ("transformer_blocks",),
-        f"DC-AE 32x, patch {c.patch_size}; 300 Gemma-2 tokens by cross-attention; linear "
-        f"self-attention; Mix-FFN {c.mlp_ratio}d, its inverted conv emits 2x that (GLU)",
-    )
-
-
-def _zimage_memory(c: Any, name: str) -> FamilyMemory:
-    hidden = zimage_ffn_hidden(c.dim)
-    return FamilyMemory(
-        c.dim, c.n_heads, 8 * c.all_patch_size[0], 512, 2 * hidden, True, True,
-        ("noise_refiner", "context_refiner", "layers"),
-        f"FLUX VAE 8x, patch {c.all_patch_size[0]}; Qwen3 tokens in one sequence; "
-        f"SwiGLU {hidden} (w1, w3 both live)",
-    )
-
-
 def family_memory(name: str, config: Any) -> FamilyMemory:
-    """The memory model of the preset `name`'s transformer family."""
-    from pqjax.models.flux import FluxConfig
-    from pqjax.models.sana import SanaConfig
-    from pqjax.models.zimage import ZImageConfig
-
-    models: dict[type, Callable[[Any, str], FamilyMemory]] = {
-        FluxConfig: _flux_memory, SanaConfig: _sana_memory, ZImageConfig: _zimage_memory,
-    }
-    return models[type(config)](config, name)
+    """The memory model of the preset `name`'s transformer family (its record's)."""
+    fam = family_of_preset(name)
+    if fam is None:
+        raise KeyError(f"no model family holds the preset {name!r}; known: {preset_names()}")
+    return fam.memory(config, name)
 
 
 def abstract_model(cls: type, config: Any, dtype: Any = jnp.bfloat16) -> nnx.Module:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from pqjax import formats, permute
 from pqjax.calibrate import Calibration
-from pqjax.permute.absorb import module_at
+from pqjax.models.paths import module_at
 
 if TYPE_CHECKING:
     from pqjax.quantize import QuantConfig

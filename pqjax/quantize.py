@@ -24,27 +24,15 @@ from pqjax import formats
 from pqjax.calibrate import Calibration, linears
 from pqjax.layers import BACKENDS, QuantLinear, QuantState
 from pqjax.methods import get_method, method_names
-from pqjax.permute.absorb import module_at
+from pqjax.models.family import families
+from pqjax.models.paths import module_at
 from pqjax.permute.criteria import criterion_names
 from pqjax.report import QuantReport
 
 # Kept in 16-bit by default (what SVDQuant-style W4A4 deployments keep too): input and time
-# embedders and the final projection. Patterns match dotted Linear paths (fnmatch).
-DEFAULT_SKIP = (
-    "x_embedder",
-    "context_embedder",
-    "time_text_embed.*",
-    "norm_out.*",
-    "proj_out",
-    "patch_embed.*",
-    "caption_projection.*",
-    "time_embed.*",
-    "t_embedder.*",
-    "cap_embedder.*",
-    "all_x_embedder.*",
-    "all_final_layer.*",
-    "final_layer.*",
-)
+# embedders and the final projection, as every family record's `keep_16bit` lists them with
+# its reasons. Patterns match dotted Linear paths (fnmatch).
+DEFAULT_SKIP = tuple(dict.fromkeys(p for fam in families() for p, _ in fam.keep_16bit))
 
 
 # acts="same" (the default): activations use the weights' format (and group).

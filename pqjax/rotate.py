@@ -221,7 +221,7 @@ def candidates(
 
     group None (one group per row): the blocks from 16 up. A block larger than the group mixes
     several groups; `QuantLinear` applies every block online (XLA butterflies before the
-    activation quantizer, `pallas_kernels.dispatch` likewise), so all are deployable.
+    activation quantizer, `pqjax.backends.dispatch` likewise), so all are deployable.
     """
     if d < 1:
         raise ValueError(f"rotate.candidates: d must be >= 1, got {d}")

@@ -37,7 +37,7 @@ from pqjax.calibrate import calibrate, linears
 from pqjax.checkpoint import apply_layout, module_layout, restore_state, save_state
 from pqjax.layers import QuantLinear
 from pqjax.methods import Plan, rtn_errors, search_sites
-from pqjax.permute.absorb import module_at
+from pqjax.models.paths import module_at
 from pqjax.quantize import QuantConfig, is_skipped, set_module
 from pqjax.report import QuantReport
 

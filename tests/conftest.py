@@ -47,3 +47,19 @@ if _jax_was_imported and _CACHE_ENV["JAX_COMPILATION_CACHE_DIR"]:  # env read at
     )
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Free each test file's compiled programs when it ends. A worker that ran hundreds of
+    tests held so many XLA CPU executables that their memory maps approached the kernel's
+    limit (vm.max_map_count, 65530 here: 15k maps after three test files) and XLA segfaulted
+    while compiling."""
+    yield
+    jax.clear_caches()
+    gc.collect()

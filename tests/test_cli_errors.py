@@ -250,7 +250,7 @@ def test_version(capsys):
 
 
 def test_pallas_off_gpu_warns(capsys):
-    from pallas_kernels import dispatch
+    from pqjax.backends import dispatch
 
     if dispatch.mode() != "xla":
         pytest.skip("a CUDA GPU (or interpret mode) runs the kernels themselves")

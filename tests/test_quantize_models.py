@@ -193,7 +193,7 @@ def test_pallas_backend_on_cpu_is_the_xla_path(calibrated):
     """The "pallas" backend where the kernels do not run (CPU) gives the "xla" backend's output
     bit for bit, fused norms included: Z-Image's norms and SANA's norm1 quantize for their
     consumers; SANA's norm2 output is reshaped to an image first, and the plan says so."""
-    from pallas_kernels import fusion
+    from pqjax.backends import fusion
 
     qmodel, _, _ = calibrated.run("W4A4 nvfp4", "permuquant")
     want = np.asarray(calibrated.forward(qmodel, calibrated.held_out))
@@ -219,7 +219,7 @@ def test_pallas_kernels_in_the_model_match_xla(calibrated, monkeypatch):
     norm's codes instead of quantizing its input."""
     import warnings
 
-    from pallas_kernels import dispatch, fusion
+    from pqjax.backends import dispatch, fusion
     from tests.pallas_kernels.helpers import record_calls
 
     qmodel, _, _ = calibrated.run("W4A4 nvfp4", "permuquant")

@@ -23,7 +23,7 @@ restores the behaviour before the joint choice (the in-group Hadamard on every l
 compared under it).
 
 Blocks larger than the group mix groups; every block is deployable because `QuantLinear`
-(and the Pallas dispatch, `pallas_kernels.dispatch`) applies the transform online in XLA
+(and the Pallas dispatch, `pqjax.backends.dispatch`) applies the transform online in XLA
 before the activation quantizer; a rotated consumer is not fused into its producing norm.
 
 Report rows: err_rtn (plain RTN), err_reference (the acceptance reference: RTN for the

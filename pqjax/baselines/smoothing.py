@@ -31,7 +31,7 @@ from pqjax import formats, permute
 from pqjax.calibrate import Calibration, LayerStats
 from pqjax.methods import Plan, kernel_of, register_method, rtn_errors
 from pqjax.models.layers import Linear
-from pqjax.permute.absorb import module_at
+from pqjax.models.paths import module_at
 from pqjax.permute.sites import Edit, Site
 
 if TYPE_CHECKING:

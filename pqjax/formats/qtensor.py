@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 
-from pqjax.formats.base import Format
+if TYPE_CHECKING:
+    from pqjax.formats.base import Format
 
 Array = jax.Array
 

@@ -15,6 +15,7 @@ Conventions (every model in `pqjax.models` follows them):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import jax
@@ -98,16 +99,25 @@ def modulate(y: jax.Array, scale: jax.Array | None, shift: jax.Array | None) -> 
     return y
 
 
-def _pallas_norm(norm: Any, x: jax.Array, scale: jax.Array | None, shift: jax.Array | None) -> Any:
-    """The "pallas" backend's norm: the kernel, or, when the norm quantizes for its consumers,
-    a PendingNorm that the first of them runs (`pallas_kernels.fusion`)."""
-    if norm.fuse_quant:
-        from pallas_kernels.fusion import PendingNorm
+NormRoute = Callable[..., Any]
+_NORM_ROUTES: dict[str, NormRoute] = {}
 
-        return PendingNorm(norm, x, scale, shift)
-    from pallas_kernels.dispatch import permuted_norm
 
-    return permuted_norm(norm, x, scale, shift)
+def register_norm_route(backend: str, route: NormRoute) -> None:
+    """Serve norms whose `backend` attribute is `backend` by `route(norm, x, scale, shift)`
+    (pqjax.backends binds "pallas": the kernels, fused with quantization where planned)."""
+    _NORM_ROUTES[backend] = route
+
+
+def _routed_norm(norm: Any, x: jax.Array, scale: jax.Array | None, shift: jax.Array | None) -> Any:
+    try:
+        route = _NORM_ROUTES[norm.backend]
+    except KeyError:
+        raise ValueError(
+            f"{type(norm).__name__}: backend {norm.backend!r} is not bound; switch backends "
+            "with pqjax.set_backend(model, ...)"
+        ) from None
+    return route(norm, x, scale, shift)
 
 
 class LayerNorm(nnx.Module):
@@ -153,8 +163,8 @@ class LayerNorm(nnx.Module):
     def __call__(
         self, x: jax.Array, scale: jax.Array | None = None, shift: jax.Array | None = None
     ) -> jax.Array:
-        if self.backend == "pallas":
-            return _pallas_norm(self, x, scale, shift)
+        if self.backend != "xla":
+            return _routed_norm(self, x, scale, shift)
         return modulate(self.normalize(x), scale, shift)
 
 
@@ -192,8 +202,8 @@ class RMSNorm(nnx.Module):
     def __call__(
         self, x: jax.Array, scale: jax.Array | None = None, shift: jax.Array | None = None
     ) -> jax.Array:
-        if self.backend == "pallas":
-            return _pallas_norm(self, x, scale, shift)
+        if self.backend != "xla":
+            return _routed_norm(self, x, scale, shift)
         return modulate(self.normalize(x), scale, shift)
 
 

@@ -29,6 +29,11 @@ FREQ_EMBED_DIM = 256
 T_EMBED_MID = 1024
 
 
+def ffn_hidden(dim: int) -> int:
+    """The SwiGLU hidden width of a block of width `dim` (diffusers: int(dim / 3 * 8))."""
+    return int(dim / 3 * 8)
+
+
 def round_up(n: Any, multiple: int = SEQ_MULTI_OF) -> Any:
     """Smallest multiple of `multiple` >= n; works on ints and integer arrays."""
     return (n + multiple - 1) // multiple * multiple
@@ -191,7 +196,7 @@ class ZImageTransformerBlock(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.attention = ZImageAttention(dim, heads, qk_norm=qk_norm, dtype=dtype, rngs=rngs)
-        self.feed_forward = ZImageFeedForward(dim, int(dim / 3 * 8), dtype=dtype, rngs=rngs)
+        self.feed_forward = ZImageFeedForward(dim, ffn_hidden(dim), dtype=dtype, rngs=rngs)
         self.attention_norm1 = RMSNorm(dim, eps=norm_eps, dtype=dtype)
         self.ffn_norm1 = RMSNorm(dim, eps=norm_eps, dtype=dtype)
         self.attention_norm2 = RMSNorm(dim, eps=norm_eps, dtype=dtype)

@@ -8,7 +8,8 @@ model2 = permute.absorb(model, {s.name: s.random(key) for s in sites})
 def my_score(stats, alpha): ...                              # -> score per input channel
 """
 
-from pqjax.permute.absorb import absorb, module_at
+from pqjax.models.paths import module_at
+from pqjax.permute.absorb import absorb
 from pqjax.permute.criteria import (
     ChannelStats,
     criterion_names,

@@ -18,18 +18,8 @@ import numpy as np
 from flax import nnx
 
 from pqjax.models.layers import Linear, Permutation
+from pqjax.models.paths import module_at
 from pqjax.permute.sites import Edit, Site, sites
-
-
-def module_at(model: nnx.Module, path: str) -> Any:
-    """The submodule (or attribute) at dotted `path`; list indices are integers."""
-    node: Any = model
-    for part in path.split("."):
-        try:
-            node = node[int(part)] if part.isdigit() else getattr(node, part)
-        except (AttributeError, IndexError, KeyError, TypeError) as e:
-            raise KeyError(f"{type(model).__name__} has no {path!r} (failed at {part!r})") from e
-    return node
 
 
 def _permute_variable(

@@ -33,8 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pqjax import formats
-
-Segments = tuple[tuple[int, int], ...]  # as in pqjax.permute.search
+from pqjax.models.sites import Segments
 
 
 def pair_mask(d: int, group: int, segments: Segments, offset: int) -> np.ndarray:

@@ -37,12 +37,10 @@ import numpy as np
 
 from pqjax import formats
 from pqjax import rotate as rot
+from pqjax.models.sites import Segments
 from pqjax.permute.criteria import ChannelStats, get_criterion
 from pqjax.permute.refine import refine_order
 
-# (size, block): the permutation acts within consecutive blocks of `block` channels of a
-# segment of `size` channels (block == size: free order; block == head_dim: within heads).
-Segments = tuple[tuple[int, int], ...]
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 

@@ -9,6 +9,17 @@ from typing import Any
 from pqjax.errors import CheckpointError
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A pipeline folder's JSON file; missing (FileNotFoundError) or unparsable (ValueError)
+    names the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path}: missing") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
 def read_json_object(path: Path) -> dict[str, Any]:
     """The JSON object in `path`; a missing, unparsable or non-object file names itself."""
     try:

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import convert
 from pqjax.models.tokenizers import FluxTokenizers, encode_prompt, load_tokenizers
 from pqjax.models.vae import AutoencoderKL, latents_to_vae
+from pqjax.pipelines.components import read_json
 from pqjax.pipelines.flow import FlowMatchEuler
-from pqjax.pipelines.load import _read_json, register_pipeline
 from pqjax.pipelines.pipeline import Pipeline, SamplingDefaults
 
 # (steps, guidance, T5 tokens) as FLUX.1's model cards recommend.
@@ -57,7 +57,7 @@ class FluxTextEncoders:
     @classmethod
     def load(cls, folder: Path, dtype: Any = jnp.float32) -> FluxTextEncoders:
         folder = Path(folder)
-        meta = _read_json(folder / "model_index.json")
+        meta = read_json(folder / "model_index.json")
         return cls(
             clip=convert.load_model(folder / "text_encoder", dtype=dtype),
             t5=convert.load_model(folder / "text_encoder_2", dtype=dtype),
@@ -87,7 +87,6 @@ class VAEDecoder:
         return cls(convert.load_model(Path(folder) / "vae", dtype=dtype))
 
 
-@register_pipeline("FluxPipeline")
 def load_flux(root: Path, dtype: Any = jnp.float32, *, allow_pickle: bool = False) -> Pipeline:
     """A diffusers FluxPipeline folder (dev or schnell) as a JAX Pipeline."""
     transformer = convert.load_transformer(root, dtype=dtype, allow_pickle=allow_pickle)
@@ -102,7 +101,7 @@ def load_flux(root: Path, dtype: Any = jnp.float32, *, allow_pickle: bool = Fals
     )
     vae = convert.load_model(root / "vae", dtype=dtype, allow_pickle=allow_pickle)
     sched_path = root / "scheduler" / "scheduler_config.json"
-    scheduler = FlowMatchEuler.from_config(_read_json(sched_path), str(sched_path))
+    scheduler = FlowMatchEuler.from_config(read_json(sched_path), str(sched_path))
     defaults = SamplingDefaults(
         num_inference_steps=steps, guidance_scale=guidance, height=1024, width=1024,
         latent_channels=transformer.config.in_channels // 4,

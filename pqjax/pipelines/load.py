@@ -8,8 +8,6 @@ The pipeline root's `model_index.json` says which kind it is.
 
 from __future__ import annotations
 
-import importlib
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +17,8 @@ import jax.numpy as jnp
 
 import convert
 from convert.resolve import EMBEDDED_MODELS
+from pqjax.models.family import families, family_of_pipeline
+from pqjax.pipelines.components import read_json
 from pqjax.pipelines.flow import FlowMatchEuler
 from pqjax.pipelines.pipeline import IdentityDecoder, Pipeline, SamplingDefaults
 
@@ -38,25 +38,16 @@ def resolve_root(name_or_path: str | os.PathLike) -> Path:
     return root
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{path}: missing") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-
-
 def load_tiny(root: Path, dtype: Any = jnp.float32, *, allow_pickle: bool = False) -> Pipeline:
     """The embedded pixel-space digits model: prompt table, identity decoder."""
     from pqjax.models.text_table import PromptTable
 
     transformer = convert.load_transformer(root, dtype=dtype, allow_pickle=allow_pickle)
     scheduler = FlowMatchEuler.from_config(
-        _read_json(root / "scheduler" / "scheduler_config.json"),
+        read_json(root / "scheduler" / "scheduler_config.json"),
         str(root / "scheduler" / "scheduler_config.json"),
     )
-    defaults = SamplingDefaults.from_dict(_read_json(root / "pipeline.json"))
+    defaults = SamplingDefaults.from_dict(read_json(root / "pipeline.json"))
     return Pipeline(
         transformer,
         PromptTable.load(root / "text_encoder"),
@@ -67,13 +58,9 @@ def load_tiny(root: Path, dtype: Any = jnp.float32, *, allow_pickle: bool = Fals
     )
 
 
-# class name -> loader(root, dtype, *, allow_pickle) -> Pipeline
-_LOADERS: dict[str, Callable[..., Pipeline]] = {"TinyFluxDigitsPipeline": load_tiny}
-# Pipelines whose modules import nothing from this one: (module, loader), imported on use.
-_FAMILY_LOADERS: dict[str, tuple[str, str]] = {
-    "SanaPipeline": ("pqjax.pipelines.sana_pipeline", "load_sana"),
-    "ZImagePipeline": ("pqjax.pipelines.zimage_pipeline", "load_zimage"),
-}
+# class name -> loader(root, dtype, *, allow_pickle) -> Pipeline, for pipelines outside the
+# family records (`pqjax.models.family`: FLUX.1 and the embedded model, SANA, Z-Image).
+_LOADERS: dict[str, Callable[..., Pipeline]] = {}
 
 
 def register_pipeline(class_name: str) -> Callable[[Callable], Callable]:
@@ -95,21 +82,16 @@ def load_pipeline(
     allow_pickle: also load pickled `.bin`/`.pt` weights (torch, `weights_only=True`); off by
     default because a pickle can run code."""
     root = resolve_root(name_or_path)
-    index = _read_json(root / "model_index.json")
+    index = read_json(root / "model_index.json")
     kind = index.get("_class_name")
-    if kind == "FluxPipeline" and kind not in _LOADERS:
-        import pqjax.pipelines.flux  # noqa: F401  (registers the FLUX.1 loader)
-    if kind in _FAMILY_LOADERS:
-        module, name = _FAMILY_LOADERS[kind]
-        pipe = getattr(importlib.import_module(module), name)(root, dtype,
-                                                              allow_pickle=allow_pickle)
-        pipe.source = str(name_or_path)
-        return pipe
-    if kind not in _LOADERS:
+    fam = family_of_pipeline(kind) if isinstance(kind, str) else None
+    if not isinstance(kind, str) or (kind not in _LOADERS and fam is None):
+        known = [c for f in families() for c, _ in f.pipelines]
         raise ValueError(
             f"{root / 'model_index.json'}: pipeline class {kind!r} is not supported; "
-            f"supported: {sorted([*_LOADERS, 'FluxPipeline', *_FAMILY_LOADERS])}"
+            f"supported: {sorted([*_LOADERS, *known])}"
         )
-    pipe = _LOADERS[kind](root, dtype, allow_pickle=allow_pickle)
+    loader = _LOADERS[kind] if kind in _LOADERS else fam.pipeline_loader(kind)
+    pipe = loader(root, dtype, allow_pickle=allow_pickle)
     pipe.source = str(name_or_path)
     return pipe

@@ -14,7 +14,7 @@ from flax import nnx
 
 import pqjax
 from pqjax.methods import Plan
-from pqjax.permute.absorb import module_at
+from pqjax.models.paths import module_at
 from pqjax.quantize import set_module
 from tests.parity import TINY_FLUX
 

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import dispatch
 from pqjax import formats
+from pqjax.backends import dispatch
 
 U = 2.0**-24  # float32 unit roundoff
 ON_GPU = dispatch.mode(interpret=False) == "kernel"

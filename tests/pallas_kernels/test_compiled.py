@@ -23,7 +23,7 @@ from benchmarks.triton_compile import TARGETS, occupancy  # noqa: E402
 
 VARIANTS = [*ck.norm_variants(table_only=True), *ck.matmul_variants(table_only=True)]
 # Norm rows past a 4096-element tile spilled at every warp count; they are not in the table
-# (the dispatcher gives them to XLA: tests/pallas_kernels/test_dispatch.py).
+# (the dispatcher gives them to XLA: tests/backends/test_dispatch.py).
 
 
 def _case(v, target):

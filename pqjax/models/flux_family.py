@@ -1,13 +1,17 @@
-"""FLUX.1's permutation sites (see design notes): double blocks, single blocks, and temb.
+"""The FLUX.1 family record (dev, schnell, and the embedded tiny-flux-digits model).
 
-q/k outputs carry RoPE and per-head RMSNorm, so they are never permuted; the attention output
-is permuted within heads through the value projection's columns.
+Permutation sites (see design notes): double blocks, single blocks, and temb. q/k outputs
+carry RoPE and per-head RMSNorm, so they are never permuted; the attention output is permuted
+within heads through the value projection's columns.
 """
 
 from __future__ import annotations
 
-from pqjax.models.flux import FluxTransformer2DModel
-from pqjax.permute.sites import Site, linear_out, modulation, register_sites
+from typing import Any
+
+from pqjax.models.family import Family, FamilyMemory
+from pqjax.models.flux import FluxConfig, FluxTransformer2DModel
+from pqjax.models.sites import Site, linear_out, modulation
 
 # Per double-block stream: (AdaLN-Zero norm, q, k, v, second norm, feed-forward).
 STREAMS = (
@@ -16,7 +20,6 @@ STREAMS = (
 )
 
 
-@register_sites(FluxTransformer2DModel)
 def flux_sites(model: FluxTransformer2DModel) -> list[Site]:
     c = model.config
     d, hd = c.inner_dim, c.attention_head_dim
@@ -79,3 +82,51 @@ def flux_sites(model: FluxTransformer2DModel) -> list[Site]:
                     consumers=tuple(consumers),
                     edits=tuple(e for prod in producers for e in linear_out(model, prod))))
     return out
+
+
+KEEP_16BIT = (
+    ("x_embedder", "the first layer: it reads the raw latent patches, so its error enters "
+     "every block"),
+    ("context_embedder", "projects the T5 tokens into the stream once; small and sensitive"),
+    ("time_text_embed.*", "timestep, guidance and pooled-text MLPs: temb modulates every block"),
+    ("norm_out.*", "the final AdaLN: its modulation scales the output directly"),
+    ("proj_out", "the last projection: its error is the velocity's"),
+)
+
+
+def flux_memory(c: FluxConfig, preset: str) -> FamilyMemory:
+    dim = c.inner_dim
+    return FamilyMemory(
+        dim, c.num_attention_heads, 16, 512 if preset == "flux-dev" else 256, 4 * dim, True, True,
+        ("transformer_blocks", "single_transformer_blocks"),
+        "VAE 8x, 2x2 latent patches; T5 tokens; MLP 4d",
+    )
+
+
+def flux_presets() -> dict[str, dict[str, Any]]:
+    from pqjax.models.clip import CLIP_L_FLUX
+    from pqjax.models.t5 import T5_XXL_FLUX
+    from pqjax.models.vae import FLUX_VAE_CONFIG
+
+    parts = {"text_encoder": CLIP_L_FLUX, "text_encoder_2": T5_XXL_FLUX, "vae": FLUX_VAE_CONFIG}
+    return {
+        "flux-dev": {"transformer": FluxConfig(guidance_embeds=True), **parts},
+        "flux-schnell": {"transformer": FluxConfig(), **parts},
+    }
+
+
+FAMILY = Family(
+    name="flux",
+    model_class=FluxTransformer2DModel,
+    config_class=FluxConfig,
+    checkpoint_classes=("FluxTransformer2DModel",),
+    pipelines=(
+        ("FluxPipeline", "pqjax.pipelines.flux:load_flux"),
+        ("TinyFluxDigitsPipeline", "pqjax.pipelines.load:load_tiny"),
+    ),
+    sites=flux_sites,
+    keep_16bit=KEEP_16BIT,
+    block_lists=("transformer_blocks", "single_transformer_blocks"),
+    memory=flux_memory,
+    presets=flux_presets,
+)

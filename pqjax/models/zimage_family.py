@@ -1,4 +1,5 @@
-"""Z-Image's permutation sites, for the noise refiner, the context refiner and the main layers.
+"""The Z-Image family record; its sites, for the noise refiner, the context refiner and the
+main layers.
 
 Per block: attention_norm1 -> q/k/v (with the scale_msa chunk of the block's AdaLN linear, if
 it has one), the attention output within heads -> to_out, ffn_norm1 -> w1/w3 (scale_mlp chunk),
@@ -9,13 +10,16 @@ sites. All AdaLN linears read the same t-embedding: one more site.
 
 from __future__ import annotations
 
-from pqjax.models.zimage import ZImageTransformer2DModel
-from pqjax.permute.sites import Site, linear_out, modulation, register_sites
+from typing import Any
+
+from pqjax.models.family import Family, FamilyMemory
+from pqjax.models.sites import Site, linear_out, modulation
+from pqjax.models.zimage import ZImageConfig, ZImageTransformer2DModel
+from pqjax.models.zimage_blocks import ffn_hidden
 
 BLOCK_LISTS = ("noise_refiner", "context_refiner", "layers")
 
 
-@register_sites(ZImageTransformer2DModel)
 def zimage_sites(model: ZImageTransformer2DModel) -> list[Site]:
     d = model.config.dim
     out: list[Site] = []
@@ -62,3 +66,44 @@ def zimage_sites(model: ZImageTransformer2DModel) -> list[Site]:
         edits=linear_out(model, "t_embedder.mlp.2"),
     ))
     return out
+
+
+KEEP_16BIT = (
+    ("t_embedder.*", "the timestep MLP: the AdaLN linears of every block read it"),
+    ("cap_embedder.*", "projects the Qwen3 tokens into the stream once"),
+    ("all_x_embedder.*", "the first layer: it reads the raw latent patches"),
+    ("all_final_layer.*", "the final AdaLN and projection: their error is the velocity's"),
+)
+
+
+def zimage_memory(c: ZImageConfig, preset: str) -> FamilyMemory:
+    hidden = ffn_hidden(c.dim)
+    return FamilyMemory(
+        c.dim, c.n_heads, 8 * c.all_patch_size[0], 512, 2 * hidden, True, True,
+        BLOCK_LISTS,
+        f"FLUX VAE 8x, patch {c.all_patch_size[0]}; Qwen3 tokens in one sequence; "
+        f"SwiGLU {hidden} (w1, w3 both live)",
+    )
+
+
+def zimage_presets() -> dict[str, dict[str, Any]]:
+    from pqjax.models.qwen3 import QWEN3_4B
+    from pqjax.models.vae import FLUX_VAE_CONFIG
+    from pqjax.models.zimage import PRESETS
+
+    return {"z-image-turbo": {"transformer": PRESETS["z-image-turbo"], "text_encoder": QWEN3_4B,
+                              "vae": FLUX_VAE_CONFIG}}
+
+
+FAMILY = Family(
+    name="zimage",
+    model_class=ZImageTransformer2DModel,
+    config_class=ZImageConfig,
+    checkpoint_classes=("ZImageTransformer2DModel",),
+    pipelines=(("ZImagePipeline", "pqjax.pipelines.zimage_pipeline:load_zimage"),),
+    sites=zimage_sites,
+    keep_16bit=KEEP_16BIT,
+    block_lists=BLOCK_LISTS,
+    memory=zimage_memory,
+    presets=zimage_presets,
+)

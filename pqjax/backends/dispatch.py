@@ -4,7 +4,7 @@
     y, xq = permuted_norm(norm, x, scale, shift, quant=fmt, global_scale=gs)   # fused output
     y = quant_linear(qlin, x)                         # QuantLinear: quantize x, FP4 matmul
     y = quant_linear(qlin, x, xq=xq)                  # reuse the norm's quantized output
-                                                      # (in a model: pallas_kernels.fusion)
+                                                      # (in a model: pqjax.backends.fusion)
 
 Modes (`mode()`): "kernel" on a CUDA GPU; "interpret" when forced (argument interpret=True or
 the environment variable PQJAX_PALLAS_INTERPRET=1: the same kernels run on CPU through the
@@ -29,6 +29,7 @@ from pallas_kernels.kernel_math import QuantSpec
 from pallas_kernels.permuted_norm import permuted_norm as norm_kernel
 from pallas_kernels.permuted_norm import permuted_norm_reference
 from pqjax import formats
+from pqjax.models.layers import LayerNorm
 
 ENV_INTERPRET = "PQJAX_PALLAS_INTERPRET"
 FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -77,7 +78,7 @@ def fallback(op: str, reason: str) -> None:
     key = f"{op}: {reason}"
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(f"pallas_kernels: {key}; falling back to XLA", PallasFallbackWarning, 2)
+        warnings.warn(f"pqjax.backends: {key}; falling back to XLA", PallasFallbackWarning, 2)
 
 
 def _fp8_ok(m: str) -> bool:
@@ -87,8 +88,6 @@ def _fp8_ok(m: str) -> bool:
 
 
 def _norm_args(norm: Any) -> tuple[str, dict[str, Any]]:
-    from pqjax.models.layers import LayerNorm
-
     kind = "layer" if isinstance(norm, LayerNorm) else "rms"
     get = lambda name: None if getattr(norm, name, None) is None else getattr(norm, name)[...]  # noqa: E731
     return kind, {"perm": get("perm"), "weight": get("scale"), "bias": get("bias")}

@@ -1,4 +1,4 @@
-"""SANA's permutation sites (diffusers `SanaTransformer2DModel`), on the shared mechanism.
+"""The SANA family record (diffusers `SanaTransformer2DModel`, SANA-1.5) and its sites.
 
 Per block `transformer_blocks.i` (d = inner_dim, h = the Mix-FFN hidden width):
 - `norm1` -> `attn1.to_q, to_k, to_v`: norm1 is a non-affine LayerNorm with AdaLN-single
@@ -26,8 +26,12 @@ heads) are never permuted; the final norm feeds `proj_out`, which stays 16-bit.
 
 from __future__ import annotations
 
-from pqjax.models.sana import SanaTransformer2DModel
-from pqjax.permute.sites import Edit, Site, linear_out, register_sites
+from typing import Any
+
+from pqjax.models.family import Family, FamilyMemory
+from pqjax.models.paths import module_at
+from pqjax.models.sana import SanaConfig, SanaTransformer2DModel
+from pqjax.models.sites import Edit, Site, linear_out
 
 # (norm, scale_shift_table shift row, scale row, consumers relative to the block)
 NORM_SITES = (
@@ -50,8 +54,6 @@ def depthwise_out(
 ) -> tuple[Edit, ...]:
     """Edits for the site's channels placed from `offset` in a depthwise Conv2d's outputs:
     kernel HWIO `(kh, kw, 1, c)` along axis 3, and the bias `(c,)`."""
-    from pqjax.permute.absorb import module_at
-
     conv = module_at(model, path)
     if conv.groups != conv.kernel.shape[3] or conv.kernel.shape[2] != 1:
         raise ValueError(f"{path} is not a depthwise conv (kernel {conv.kernel.shape})")
@@ -61,7 +63,6 @@ def depthwise_out(
     return tuple(edits)
 
 
-@register_sites(SanaTransformer2DModel)
 def sana_sites(model: SanaTransformer2DModel) -> list[Site]:
     c = model.config
     d = c.inner_dim
@@ -113,3 +114,45 @@ def sana_sites(model: SanaTransformer2DModel) -> list[Site]:
         ),
     ))
     return out
+
+
+# patch_embed (the first layer) is a convolution and norm_out has no Linear: neither is
+# quantized at all.
+KEEP_16BIT = (
+    ("caption_projection.*", "projects the Gemma-2 tokens once; every cross-attention reads it"),
+    ("time_embed.*", "the timestep MLP and AdaLN-single linear: they modulate every block"),
+    ("proj_out", "the last projection: its error is the velocity's"),
+)
+
+
+def sana_memory(c: SanaConfig, preset: str) -> FamilyMemory:
+    dim, hidden = c.inner_dim, int(c.mlp_ratio * c.inner_dim)
+    return FamilyMemory(
+        dim, c.num_attention_heads, 32 * c.patch_size, 300, 2 * hidden, False, False,
+        ("transformer_blocks",),
+        f"DC-AE 32x, patch {c.patch_size}; 300 Gemma-2 tokens by cross-attention; linear "
+        f"self-attention; Mix-FFN {c.mlp_ratio}d, its inverted conv emits 2x that (GLU)",
+    )
+
+
+def sana_presets() -> dict[str, dict[str, Any]]:
+    from pqjax.models.dcae import SANA_DCAE
+    from pqjax.models.gemma2 import GEMMA2_2B
+    from pqjax.models.sana import PRESETS
+
+    return {"sana-1.5-1.6b": {"transformer": PRESETS["sana-1.5-1.6b"], "text_encoder": GEMMA2_2B,
+                              "vae": SANA_DCAE}}
+
+
+FAMILY = Family(
+    name="sana",
+    model_class=SanaTransformer2DModel,
+    config_class=SanaConfig,
+    checkpoint_classes=("SanaTransformer2DModel",),
+    pipelines=(("SanaPipeline", "pqjax.pipelines.sana_pipeline:load_sana"),),
+    sites=sana_sites,
+    keep_16bit=KEEP_16BIT,
+    block_lists=("transformer_blocks",),
+    memory=sana_memory,
+    presets=sana_presets,
+)

@@ -15,9 +15,9 @@ import pytest
 from flax import nnx
 
 import pqjax
-from pallas_kernels import dispatch
 from pallas_kernels.permuted_norm import permuted_norm_reference
 from pqjax import formats, permute
+from pqjax.backends import dispatch
 from pqjax.formats.fp4 import MXFP4, NVFP4
 from pqjax.layers import QuantLinear
 from pqjax.models.flux import FluxConfig, FluxTransformer2DModel
@@ -102,7 +102,7 @@ def test_fused_norm_output_feeds_the_matmul():
 def test_fused_norm_writes_only_codes_unless_a_consumer_reads_its_output():
     """A fused norm skips its 16-bit output when no consumer reads it, with the same result;
     a consumer's low-rank branch reads it (fuse_dense), and x=None is refused there."""
-    from pallas_kernels.fusion import PendingNorm
+    from pqjax.backends.fusion import PendingNorm
     from pqjax.quantize import QuantState
 
     ln, _, x, s, t = _norms()
@@ -230,7 +230,7 @@ def test_flux_blocks_pallas_matches_xla(tiny_flux):
 def test_fusion_plan(tiny_flux):
     """set_backend("pallas") marks the norm of every FLUX norm site, and only those; switching
     back unmarks them. A consumer that cannot take the norm's codes stops the fusion."""
-    from pallas_kernels import fusion
+    from pqjax.backends import fusion
 
     qmodel, _ = tiny_flux
     pqjax.set_backend(qmodel, "pallas")

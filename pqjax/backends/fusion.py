@@ -24,9 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pallas_kernels import dispatch
 from pallas_kernels.kernel_math import QuantSpec
 from pqjax import formats
+from pqjax.backends import dispatch
+from pqjax.layers import QuantLinear
+from pqjax.models.paths import module_at
+from pqjax.permute.sites import sites
 
 
 class PendingNorm:
@@ -74,8 +77,6 @@ class PendingNorm:
 
 def why_not(consumers: list[Any]) -> str | None:
     """Why a norm read by `consumers` cannot quantize for them, or None when it can."""
-    from pqjax.layers import QuantLinear
-
     if not consumers or not all(isinstance(c, QuantLinear) for c in consumers):
         return "not every consumer is a QuantLinear"
     first = consumers[0]
@@ -104,9 +105,6 @@ def why_not(consumers: list[Any]) -> str | None:
 def plan(model: nnx.Module) -> dict[str, str | None]:
     """Mark the norms of `model` that quantize for their consumers (`pqjax.set_backend` calls
     this for "pallas"). Returns {norm path: None if fused, else the reason it is not}."""
-    from pqjax.permute.absorb import module_at
-    from pqjax.permute.sites import sites
-
     try:
         model_sites = sites(model)
     except TypeError:  # a model with no declared sites: nothing is fused

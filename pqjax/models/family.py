@@ -1,0 +1,136 @@
+"""One record per model family: everything the rest of pqjax needs to know about a DiT.
+
+    fam = family("flux")                 # by name
+    fam = family_of(model)               # by module class (the embedded model is a FLUX)
+    [f.name for f in families()]         # ['flux', 'sana', 'zimage']
+    fam.sites(model); fam.keep_16bit; fam.block_lists; fam.image_tokens(config, 1024, 1024)
+
+Discovery: every module `pqjax/models/<name>_family.py` defines `FAMILY = Family(...)`, found
+by name; nothing else lists the families. Adding a model is its model file, its key map in
+`convert/keymaps/` (how diffusers names its weights), and one `<name>_family.py` (README,
+"Adding a model").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import pkgutil
+from collections.abc import Callable
+from typing import Any
+
+from flax import nnx
+
+from pqjax.models.sites import Site
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyMemory:
+    """What sets a transformer family's activation memory at a resolution.
+
+    pixels_per_token: image pixels per token along each axis (autoencoder downscale x patch);
+    text_tokens: the pipeline's default caption length; mlp_live: channels per token of the
+    widest feed-forward intermediate; joint: text tokens share the image tokens' sequence
+    (else they enter by cross-attention); softmax_self_attention: False for linear attention
+    (no token x token scores); block_lists: the module lists that hold the blocks.
+    """
+
+    dim: int
+    heads: int
+    pixels_per_token: int
+    text_tokens: int
+    mlp_live: int
+    joint: bool
+    softmax_self_attention: bool
+    block_lists: tuple[str, ...]
+    notes: str
+
+    def image_tokens(self, height: int, width: int) -> int:
+        return (height // self.pixels_per_token) * (width // self.pixels_per_token)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family's record.
+
+    model_class: the NNX transformer; config_class: its config dataclass (parsed from
+    config.json by its key map, `checkpoint_classes` in `convert.keymaps`).
+    pipelines: ((`model_index.json` class, "module:function"), ...): the loader
+    `fn(root, dtype, *, allow_pickle) -> Pipeline` of each pipeline class (named, not
+    imported: pipelines sit above the models).
+    sites: `fn(model) -> [Site]`, the permutation sites (`permute.sites`).
+    keep_16bit: (path glob, why) for the Linears that stay 16-bit by default.
+    block_lists: the attributes holding the transformer blocks, in execution order.
+    memory: `fn(config, preset) -> FamilyMemory`; presets: {name: {component: config}}, the
+    released checkpoints' configs (`estimate_memory`), built on first use.
+    """
+
+    name: str
+    model_class: type
+    config_class: type
+    checkpoint_classes: tuple[str, ...]
+    pipelines: tuple[tuple[str, str], ...]
+    sites: Callable[[nnx.Module], list[Site]]
+    keep_16bit: tuple[tuple[str, str], ...]
+    block_lists: tuple[str, ...]
+    memory: Callable[[Any, str], FamilyMemory]
+    presets: Callable[[], dict[str, dict[str, Any]]]
+
+    def image_tokens(self, config: Any, height: int, width: int) -> int:
+        """Image tokens the transformer sees for a `height` x `width` image."""
+        preset = next(iter(self.presets()), "")
+        return self.memory(config, preset).image_tokens(height, width)
+
+    def blocks(self, model: nnx.Module) -> list[tuple[str, nnx.Module]]:
+        """(path, block) for every transformer block of `model`, in execution order."""
+        return [(f"{lst}.{i}", block) for lst in self.block_lists
+                for i, block in enumerate(getattr(model, lst))]
+
+    def pipeline_loader(self, class_name: str) -> Callable[..., Any]:
+        """The loader of `model_index.json` class `class_name`."""
+        module, fn = dict(self.pipelines)[class_name].split(":")
+        return getattr(importlib.import_module(module), fn)
+
+
+@functools.cache
+def families() -> tuple[Family, ...]:
+    """Every family record, sorted by name (the `*_family` modules of `pqjax.models`)."""
+    import pqjax.models as models
+
+    found = []
+    for info in pkgutil.iter_modules(models.__path__):
+        if info.name.endswith("_family"):
+            record = getattr(importlib.import_module(f"pqjax.models.{info.name}"), "FAMILY", None)
+            if not isinstance(record, Family):
+                raise TypeError(f"pqjax/models/{info.name}.py must define FAMILY = Family(...)")
+            found.append(record)
+    return tuple(sorted(found, key=lambda f: f.name))
+
+
+def family(name: str) -> Family:
+    """The family record called `name` ("flux", "sana", "zimage")."""
+    for record in families():
+        if record.name == name:
+            return record
+    raise KeyError(f"no model family {name!r}; known: {[f.name for f in families()]}")
+
+
+def family_of(model: Any) -> Family | None:
+    """The record of `model`'s class (or a class it derives from), or None."""
+    cls = model if isinstance(model, type) else type(model)
+    for base in cls.__mro__:
+        for record in families():
+            if record.model_class is base:
+                return record
+    return None
+
+
+def family_of_pipeline(class_name: str) -> Family | None:
+    """The record whose pipeline loader reads `model_index.json` class `class_name`."""
+    return next((f for f in families() if class_name in dict(f.pipelines)), None)
+
+
+def family_of_preset(preset: str) -> Family | None:
+    """The record that holds the released checkpoint preset `preset` ("flux-dev", ...)."""
+    return next((f for f in families() if preset in f.presets()), None)
