@@ -1,4 +1,4 @@
-"""The family records: one per model, found by one mechanism, and true to the models they describe."""
+"""The family records: one per model, found by one mechanism, true to the models they describe."""
 
 from __future__ import annotations
 
