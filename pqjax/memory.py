@@ -38,14 +38,6 @@ def preset_names() -> list[str]:
     return sorted(_presets())
 
 
-def family_memory(name: str, config: Any) -> FamilyMemory:
-    """The memory model of the preset `name`'s transformer family (its record's)."""
-    fam = family_of_preset(name)
-    if fam is None:
-        raise KeyError(f"no model family holds the preset {name!r}; known: {preset_names()}")
-    return fam.memory(config, name)
-
-
 def abstract_model(cls: type, config: Any, dtype: Any = jnp.bfloat16) -> nnx.Module:
     """The module `cls(config)` with shapes only (`nnx.eval_shape`; seconds at full size)."""
     return nnx.eval_shape(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
@@ -183,7 +175,7 @@ def estimate_memory(
     """Bytes per component in bf16 against quantized, and peaks for quantization and inference.
 
     name: a preset (`preset_names()`). Computed from the configs alone (well under a second).
-    text_tokens: the caption length (default: the family's, see `family_memory`). Peaks assume
+    text_tokens: the caption length (default: the family's, `Family.memory`). Peaks assume
     weights in bf16, block-wise streaming quantization (one full-precision block resident, the
     calibration cache on the host) or the whole model in memory, and for inference text
     encoders run once and released before sampling.
@@ -202,11 +194,12 @@ def estimate_memory(
             n = inventory(cfg).param_count
             components[part] = {"params": n, "bf16_bytes": 2 * n}
     tr = components["transformer"]
-    fam = family_memory(name, tcfg)
+    record = family_of_preset(name)
+    fam = record.memory(tcfg, name)
     img_tokens = fam.image_tokens(height, width)
     txt = text_tokens if text_tokens is not None else fam.text_tokens
     act = _block_peak_bytes(fam, img_tokens, txt, batch, flash_attention)
-    block_sizes = [n for lst in fam.block_lists for n in tinv.counts_by_item(lst).values()]
+    block_sizes = [n for lst in record.block_lists for n in tinv.counts_by_item(lst).values()]
     biggest_block = 2 * max(block_sizes, default=0)
     cache_tokens = img_tokens + txt
     cache_batch = calib_batch * cache_tokens * fam.dim * 2 * 2  # a batch of block inputs, outputs

@@ -33,7 +33,7 @@ class FamilyMemory:
     text_tokens: the pipeline's default caption length; mlp_live: channels per token of the
     widest feed-forward intermediate; joint: text tokens share the image tokens' sequence
     (else they enter by cross-attention); softmax_self_attention: False for linear attention
-    (no token x token scores); block_lists: the module lists that hold the blocks.
+    (no token x token scores). The blocks are the record's `Family.block_lists`.
     """
 
     dim: int
@@ -43,7 +43,6 @@ class FamilyMemory:
     mlp_live: int
     joint: bool
     softmax_self_attention: bool
-    block_lists: tuple[str, ...]
     notes: str
 
     def image_tokens(self, height: int, width: int) -> int:
@@ -62,7 +61,8 @@ class Family:
     sites: `fn(model) -> [Site]`, the permutation sites (`permute.sites`).
     keep_16bit: (path glob, why) for the Linears that stay 16-bit by default.
     block_lists: the attributes holding the transformer blocks, in execution order.
-    memory: `fn(config, preset) -> FamilyMemory`; presets: {name: {component: config}}, the
+    memory: `fn(config, preset) -> FamilyMemory` (the preset sets only the default caption
+    length; "" for a config of no preset); presets: {name: {component: config}}, the
     released checkpoints' configs (`estimate_memory`), built on first use.
     """
 
@@ -79,8 +79,7 @@ class Family:
 
     def image_tokens(self, config: Any, height: int, width: int) -> int:
         """Image tokens the transformer sees for a `height` x `width` image."""
-        preset = next(iter(self.presets()), "")
-        return self.memory(config, preset).image_tokens(height, width)
+        return self.memory(config, "").image_tokens(height, width)
 
     def blocks(self, model: nnx.Module) -> list[tuple[str, nnx.Module]]:
         """(path, block) for every transformer block of `model`, in execution order."""

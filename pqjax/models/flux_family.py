@@ -98,7 +98,6 @@ def flux_memory(c: FluxConfig, preset: str) -> FamilyMemory:
     dim = c.inner_dim
     return FamilyMemory(
         dim, c.num_attention_heads, 16, 512 if preset == "flux-dev" else 256, 4 * dim, True, True,
-        ("transformer_blocks", "single_transformer_blocks"),
         "VAE 8x, 2x2 latent patches; T5 tokens; MLP 4d",
     )
 

@@ -129,7 +129,6 @@ def sana_memory(c: SanaConfig, preset: str) -> FamilyMemory:
     dim, hidden = c.inner_dim, int(c.mlp_ratio * c.inner_dim)
     return FamilyMemory(
         dim, c.num_attention_heads, 32 * c.patch_size, 300, 2 * hidden, False, False,
-        ("transformer_blocks",),
         f"DC-AE 32x, patch {c.patch_size}; 300 Gemma-2 tokens by cross-attention; linear "
         f"self-attention; Mix-FFN {c.mlp_ratio}d, its inverted conv emits 2x that (GLU)",
     )

@@ -80,7 +80,6 @@ def zimage_memory(c: ZImageConfig, preset: str) -> FamilyMemory:
     hidden = ffn_hidden(c.dim)
     return FamilyMemory(
         c.dim, c.n_heads, 8 * c.all_patch_size[0], 512, 2 * hidden, True, True,
-        BLOCK_LISTS,
         f"FLUX VAE 8x, patch {c.all_patch_size[0]}; Qwen3 tokens in one sequence; "
         f"SwiGLU {hidden} (w1, w3 both live)",
     )
