@@ -7,7 +7,7 @@ export_transformer(model, "out/transformer")  # diffusers-loadable safetensors +
 """
 
 from convert.export import export_model, export_transformer
-from convert.loader import load_model, load_transformer
+from convert.loader import load_model, load_transformer, weight_bytes
 from convert.resolve import EMBEDDED_MODELS, SHORT_NAMES, ModelNotFoundError, resolve
 from convert.safetensors_io import Checkpoint, CheckpointError
 
@@ -22,4 +22,5 @@ __all__ = [
     "load_model",
     "load_transformer",
     "resolve",
+    "weight_bytes",
 ]

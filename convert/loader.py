@@ -143,6 +143,21 @@ def load_model(
     )
 
 
+def weight_bytes(
+    folder: str | os.PathLike, *, dtype: Any = jnp.float32, allow_pickle: bool = False
+) -> int:
+    """The bytes of the checkpoint's tensors in `dtype` (what `load_model(folder, dtype=dtype)`
+    holds), from its header's shapes alone: no tensor is read, no model built."""
+    folder = Path(folder)
+    raw = read_config(folder)
+    source = str(folder / "config.json")
+    spec = registry.spec_for_class_name(class_name_of(raw, source), source)
+    weights = open_weights(folder, spec.weights_name, allow_pickle=allow_pickle)
+    origin = _model_keys(weights.keys(), spec)  # the tensors the model takes
+    count = sum(int(np.prod(weights.shape(k), dtype=np.int64)) for k in origin.values())
+    return count * jnp.dtype(dtype).itemsize
+
+
 def load_submodule(module: nnx.Module, prefix: str, weights: WeightSource, *,
                    dtype: Any = jnp.float32) -> nnx.Module:
     """Fill `module`, the (abstract) submodule at dotted `prefix` of a model, from the checkpoint

@@ -81,11 +81,15 @@ def convert_and_quantize(
     dtype: Any = jnp.float32,
     progress: bool = True,
     allow_pickle: bool = False,
+    max_memory: int | str | None = None,
 ) -> Pipeline:
     """Load `name_or_path` (default: the embedded trained tiny FLUX), calibrate it on its own
     sampling trajectories for `calib_prompts`, and quantize its transformer with `config`.
-    allow_pickle: also load pickled `.bin`/`.pt` weights (torch, `weights_only=True`)."""
-    pipe = load_pipeline(name_or_path, dtype=dtype, allow_pickle=allow_pickle)
+    allow_pickle: also load pickled `.bin`/`.pt` weights (torch, `weights_only=True`).
+    max_memory (bytes or e.g. "16GiB"): where all weights exceed it, the text encoders load
+    for calibration's encoding and are released before sampling (see `load_pipeline`)."""
+    pipe = load_pipeline(name_or_path, dtype=dtype, allow_pickle=allow_pickle,
+                         max_memory=max_memory)
     calib = calibrate_pipeline(
         pipe,
         calib_prompts,

@@ -178,14 +178,19 @@ def restore_state(abstract: nnx.Module, where: Path) -> nnx.Module:
     return nnx.merge(graphdef, state)
 
 
-def restore(ckpt_dir: str | os.PathLike, *, backend: str = "xla") -> Pipeline:
+def restore(ckpt_dir: str | os.PathLike, *, backend: str = "xla",
+            max_memory: int | str | None = None) -> Pipeline:
     """Rebuild a pipeline saved by `save` (no torch, diffusers or original weights needed).
 
     Every file is checked against checksums.json first: a missing or damaged file is a
     CheckpointError naming it (and the transformer arrays it changed), before anything loads.
+    max_memory (bytes, or e.g. "16GiB"): where all weights exceed it, the text encoders stay
+    on disk and load for each encoding only (`pqjax.pipelines.components.OnDemand`).
     """
     from pqjax.backends import set_backend
+    from pqjax.pipelines.components import encoders_on_demand, parse_bytes, tree_bytes
 
+    parse_bytes(max_memory)  # refused before anything is read
     root = Path(ckpt_dir).expanduser().resolve()  # orbax reads no metadata from relative paths
     meta = _read_meta(root)
     abstract = _abstract_transformer(meta, str(root / META))
@@ -198,12 +203,21 @@ def restore(ckpt_dir: str | os.PathLike, *, backend: str = "xla") -> Pipeline:
     report = None if dropped else _load_report(root / "report" / "report.json")
     if "kind" in p:  # SANA, Z-Image: the pipeline reads its own parts
         return _component(p["kind"]).load_parts(root / "pipeline", model, source=meta["source"],
-                                                quant_config=config, report=report)
+                                                quant_config=config, report=report,
+                                                max_memory=max_memory)
+    decoder = _component(p["decoder"]).load(root / "decoder")
+    encoders = _component(p["text_encoder"])
+    kw = {}
+    if hasattr(encoders, "ENCODER_FOLDERS"):  # FLUX's CLIP + T5 (the prompt table is tiny)
+        kw["on_demand"] = encoders_on_demand(
+            root / "text_encoder", encoders.ENCODER_FOLDERS, (), dtype=jnp.float32,
+            max_memory=max_memory,
+            extra_bytes=tree_bytes(model) + tree_bytes(getattr(decoder, "vae", None)))
     return Pipeline(
         transformer=model,
-        text_encoder=_component(p["text_encoder"]).load(root / "text_encoder"),
+        text_encoder=encoders.load(root / "text_encoder", **kw),
         scheduler=FlowMatchEuler(**p["scheduler"]),
-        decoder=_component(p["decoder"]).load(root / "decoder"),
+        decoder=decoder,
         defaults=SamplingDefaults(**p["defaults"]),
         source=meta["source"],
         quant_config=config,

@@ -14,6 +14,7 @@ PQJAX_COMPILE_CACHE=0 turns it off), so a second identical call does not compile
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -93,8 +94,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     config = args.config
     warn_pallas_without_gpu(config.backend)
-    fp = load_pipeline(args.model, allow_pickle=args.allow_pickle)
-    calib = calibrate_pipeline(fp, args.calib_prompt_list, n_rows=args.rows)
+    fp = load_pipeline(args.model, allow_pickle=args.allow_pickle, max_memory=args.max_memory)
+    size = dict(num_steps=args.steps, height=args.height, width=args.width)
+    calib = calibrate_pipeline(fp, args.calib_prompt_list, n_rows=args.rows, **size)
     q = quantize_pipeline(fp, calib, config)
     out = save(q, args.out, overwrite=args.overwrite)
     print(f"saved {config.label} {config.method} checkpoint to {out}")
@@ -107,6 +109,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if not args.no_compare:
         embedded = str(args.model) == EMBEDDED
         spec = EvalSpec.digits(per_digit=2) if embedded else EvalSpec(("a photo of a cat",))
+        spec = dataclasses.replace(spec, **size)
         metrics = None
         if embedded:
             from pqjax.eval.metrics import DigitMetrics
@@ -124,7 +127,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from pqjax.checkpoint import restore
 
     warn_pallas_without_gpu(args.backend)
-    pipe = restore(args.checkpoint, backend=args.backend)
+    pipe = restore(args.checkpoint, backend=args.backend, max_memory=args.max_memory)
     steps = args.steps or pipe.defaults.num_inference_steps
     print(f"sampling {len(args.prompt)} image(s), {steps} steps", flush=True)
     images = pipe.generate(
@@ -132,6 +135,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_steps=args.steps,
         guidance=args.guidance,
+        height=args.height,
+        width=args.width,
         progress=args.progress,
     )
     save_images(images, args.image_paths, args.scale, args.grid)

@@ -55,6 +55,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def byte_count(text: str) -> int:
+    """A memory budget: bytes, or a size such as 16GiB / 24GB."""
+    from pqjax.pipelines.components import parse_bytes
+
+    try:
+        return parse_bytes(text, "the budget")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+MAX_MEMORY_HELP = ("a memory budget such as 16GiB: where the pipeline's weights exceed it, the "
+                   "text encoders load for each encoding and are released before sampling")
+
+
 def seed_int(text: str) -> int:
     """Any non-negative integer; seeds of 2**32 and above keep their high bits (seed_key)."""
     try:
@@ -135,6 +149,17 @@ def _sub(sub, name: str, summary: str) -> argparse.ArgumentParser:
         help="do not use the persistent jax compilation cache (also: PQJAX_COMPILE_CACHE=0)",
     )
     return p
+
+
+def _add_size_args(p: argparse.ArgumentParser, what: str) -> None:
+    """--steps, --height, --width (None: the model's own)."""
+    what = f" {what}" if what else ""
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help=f"sampling steps{what} (default: the model's)")
+    p.add_argument("--height", type=positive_int, default=None,
+                   help=f"image height{what} in pixels (default: the model's)")
+    p.add_argument("--width", type=positive_int, default=None,
+                   help=f"image width{what} in pixels (default: the model's)")
 
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
@@ -229,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compare", action="store_true", help="skip the image comparison")
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load pickled .bin/.pt weights (torch, weights_only=True)")
+    p.add_argument("--max-memory", type=byte_count, default=None, help=MAX_MEMORY_HELP)
+    _add_size_args(p, "of calibration and comparison")
     _add_quant_args(p)
 
     p = _sub(sub, "generate", "generate images from a saved checkpoint, one per prompt")
@@ -251,9 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="any integer >= 0; image i's noise comes from (seed, i), all bits used",
     )
-    p.add_argument(
-        "--steps", type=positive_int, default=None, help="sampling steps (default: the model's)"
-    )
+    _add_size_args(p, "")
     p.add_argument(
         "--guidance",
         type=guidance_float,
@@ -261,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="guidance scale >= 0 (default: the model's)",
     )
     p.add_argument("--backend", default="xla", choices=BACKENDS, help=BACKEND_HELP)
+    p.add_argument("--max-memory", type=byte_count, default=None, help=MAX_MEMORY_HELP)
     p.add_argument(
         "--progress",
         action="store_true",

@@ -35,6 +35,8 @@ class EvalSpec:
     labels: tuple[int, ...] | None = None
     seed: int = 1234
     num_steps: int | None = None
+    height: int | None = None  # None: the pipeline's own
+    width: int | None = None
 
     @classmethod
     def digits(cls, per_digit: int = 5, seed: int = 1234) -> EvalSpec:
@@ -43,7 +45,8 @@ class EvalSpec:
 
 
 def generate(pipe: Pipeline, spec: EvalSpec) -> np.ndarray:
-    return pipe.generate(list(spec.prompts), seed=spec.seed, num_steps=spec.num_steps)
+    size = {k: v for k, v in (("height", spec.height), ("width", spec.width)) if v is not None}
+    return pipe.generate(list(spec.prompts), seed=spec.seed, num_steps=spec.num_steps, **size)
 
 
 def evaluate(

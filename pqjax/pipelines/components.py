@@ -1,12 +1,98 @@
-"""Small readers shared by the pipeline loaders (a leaf of `pqjax.pipelines`)."""
+"""Small readers shared by the pipeline loaders, and text encoders kept on disk until used (a
+leaf of `pqjax.pipelines`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pqjax.errors import CheckpointError
+
+
+@dataclasses.dataclass(frozen=True)
+class OnDemand:
+    """A model left in its folder: `held(component)` loads it for one use and the caller drops
+    it afterwards, so it occupies memory only while it runs (text encoders under a memory
+    budget: encode the prompts, release the encoder, then sample)."""
+
+    folder: Path
+    dtype: Any = None
+    allow_pickle: bool = False
+
+    def load(self) -> Any:
+        import convert
+
+        kw = {} if self.dtype is None else {"dtype": self.dtype}
+        return convert.load_model(self.folder, allow_pickle=self.allow_pickle, **kw)
+
+
+def held(component: Any) -> Any:
+    """The model itself: loaded now if `component` is `OnDemand`."""
+    return component.load() if isinstance(component, OnDemand) else component
+
+
+def parse_bytes(value: int | float | str | None, what: str = "max_memory") -> int | None:
+    """A byte count: a number, or a string such as "16GiB", "24 GB", "512MiB" (None: none)."""
+    if value is None:
+        return None
+    given = value
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        digits = text.rstrip("kmgtib")
+        unit = text[len(digits):]
+        try:
+            number = float(digits)
+        except ValueError:
+            number = float("nan")
+        if unit not in units:
+            number = float("nan")
+        value = number * units.get(unit, 1)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 \
+            or value == float("inf"):
+        raise ValueError(f"{what} must be a positive byte count such as 16e9 or '16GiB', "
+                         f"got {given!r}")
+    return int(value)
+
+
+def encoders_on_demand(root: Path, encoders: Sequence[str], others: Sequence[str], *,
+                       dtype: Any, allow_pickle: bool = False, max_memory: Any = None,
+                       extra_bytes: int = 0) -> bool:
+    """Whether the pipeline in `root` keeps its text encoders (the component folders
+    `encoders`) on disk: where its weights (those folders, `others` and `extra_bytes`, sized
+    from the checkpoint headers in `dtype`) exceed `max_memory`. Says so when it does."""
+    budget = parse_bytes(max_memory)
+    if budget is None:
+        return False
+    import convert
+
+    def size(name: str) -> int:
+        return convert.weight_bytes(Path(root) / name, dtype=dtype, allow_pickle=allow_pickle)
+
+    enc = sum(size(n) for n in encoders)
+    total = enc + sum(size(n) for n in others) + extra_bytes
+    if total <= budget:
+        return False
+    print(f"pqjax: the pipeline's weights ({human_bytes(total)}) exceed max_memory "
+          f"({human_bytes(budget)}): its text encoders ({human_bytes(enc)}) load for each "
+          "encoding and are released before sampling", file=sys.stderr)
+    return True
+
+
+def human_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -48,11 +134,28 @@ def save_lm_parts(folder: Path, text_encoder: Any, tokenizer: Any, vae: Any,
     (folder / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
-def load_lm_parts(folder: Path) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """(text_encoder, tokenizer, vae, settings) written by `save_lm_parts`."""
+def load_lm_parts(folder: Path, transformer: Any = None, max_memory: Any = None
+                  ) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """(text_encoder, tokenizer, vae, settings) written by `save_lm_parts`; the text encoder
+    `OnDemand` where its weights, the vae's and the (restored) `transformer`'s exceed
+    `max_memory`."""
     import convert
     from pqjax.models.lm_tokenizer import LMTokenizer
 
     folder = Path(folder)
-    return (convert.load_model(folder / "text_encoder"), LMTokenizer.load(folder / "tokenizer"),
+    on_demand = encoders_on_demand(folder, ("text_encoder",), ("vae",), dtype=np.float32,
+                                   max_memory=max_memory, extra_bytes=tree_bytes(transformer))
+    text_encoder = (OnDemand(folder / "text_encoder") if on_demand
+                    else convert.load_model(folder / "text_encoder"))
+    return (text_encoder, LMTokenizer.load(folder / "tokenizer"),
             convert.load_model(folder / "vae"), read_json_object(folder / "settings.json"))
+
+
+def tree_bytes(module: Any) -> int:
+    """The bytes of a module's arrays (0 for None)."""
+    if module is None:
+        return 0
+    import jax
+    from flax import nnx
+
+    return sum(int(x.nbytes) for x in jax.tree.leaves(nnx.state(module)) if hasattr(x, "nbytes"))

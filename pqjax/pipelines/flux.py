@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import convert
 from pqjax.models.tokenizers import FluxTokenizers, encode_prompt, load_tokenizers
 from pqjax.models.vae import AutoencoderKL, latents_to_vae
-from pqjax.pipelines.components import read_json
+from pqjax.pipelines.components import OnDemand, encoders_on_demand, held, read_json
 from pqjax.pipelines.flow import FlowMatchEuler
 from pqjax.pipelines.pipeline import Pipeline, SamplingDefaults
 
@@ -33,34 +33,39 @@ SCHNELL_DEFAULTS = (4, 0.0, 256)
 
 @dataclasses.dataclass
 class FluxTextEncoders:
-    """CLIP-L (pooled) + T5 v1.1 XXL (sequence) with their tokenizers."""
+    """CLIP-L (pooled) + T5 v1.1 XXL (sequence) with their tokenizers; each encoder either
+    loaded or `OnDemand` (loaded for each `encode`, released after it)."""
 
     clip: Any
     t5: Any
     tokenizers: FluxTokenizers
     max_sequence_length: int = 512
     tokenizer_dirs: tuple[str, str] = ("", "")  # where the tokenizers were read from
+    ENCODER_FOLDERS = ("text_encoder", "text_encoder_2")  # CLIP-L, T5 (not a field)
 
     def encode(self, prompts: list[str]) -> tuple[jax.Array, jax.Array, jax.Array]:
-        return encode_prompt(prompts, self.clip, self.t5, self.tokenizers,
+        return encode_prompt(prompts, held(self.clip), held(self.t5), self.tokenizers,
                              self.max_sequence_length)
 
     def save(self, folder: Path) -> None:
         folder = Path(folder)
-        convert.export_model(self.clip, folder / "text_encoder")
-        convert.export_model(self.t5, folder / "text_encoder_2")
+        convert.export_model(held(self.clip), folder / "text_encoder")
+        convert.export_model(held(self.t5), folder / "text_encoder_2")
         for name, src in zip(("tokenizer", "tokenizer_2"), self.tokenizer_dirs):
             shutil.copytree(src, folder / name)
         (folder / "model_index.json").write_text(json.dumps(
             {"_class_name": "FluxTextEncoders", "max_sequence_length": self.max_sequence_length}))
 
     @classmethod
-    def load(cls, folder: Path, dtype: Any = jnp.float32) -> FluxTextEncoders:
+    def load(cls, folder: Path, dtype: Any = jnp.float32, *,
+             on_demand: bool = False) -> FluxTextEncoders:
         folder = Path(folder)
         meta = read_json(folder / "model_index.json")
+        clip, t5 = (_encoder(folder / name, dtype, False, on_demand)
+                    for name in cls.ENCODER_FOLDERS)
         return cls(
-            clip=convert.load_model(folder / "text_encoder", dtype=dtype),
-            t5=convert.load_model(folder / "text_encoder_2", dtype=dtype),
+            clip=clip,
+            t5=t5,
             tokenizers=load_tokenizers(folder),
             max_sequence_length=int(meta.get("max_sequence_length", 512)),
             tokenizer_dirs=(str(folder / "tokenizer"), str(folder / "tokenizer_2")),
@@ -87,14 +92,29 @@ class VAEDecoder:
         return cls(convert.load_model(Path(folder) / "vae", dtype=dtype))
 
 
-def load_flux(root: Path, dtype: Any = jnp.float32, *, allow_pickle: bool = False) -> Pipeline:
-    """A diffusers FluxPipeline folder (dev or schnell) as a JAX Pipeline."""
+ENCODER_FOLDERS = FluxTextEncoders.ENCODER_FOLDERS
+
+
+def _encoder(folder: Path, dtype: Any, allow_pickle: bool, on_demand: bool) -> Any:
+    if on_demand:
+        return OnDemand(folder, dtype, allow_pickle)
+    return convert.load_model(folder, dtype=dtype, allow_pickle=allow_pickle)
+
+
+def load_flux(root: Path, dtype: Any = jnp.float32, *, allow_pickle: bool = False,
+              max_memory: Any = None) -> Pipeline:
+    """A diffusers FluxPipeline folder (dev or schnell) as a JAX Pipeline. max_memory: where
+    the weights of all components in `dtype` exceed it, CLIP and T5 stay on disk until each
+    encoding (`OnDemand`)."""
+    on_demand = encoders_on_demand(root, ENCODER_FOLDERS, ("transformer", "vae"), dtype=dtype,
+                                   allow_pickle=allow_pickle, max_memory=max_memory)
     transformer = convert.load_transformer(root, dtype=dtype, allow_pickle=allow_pickle)
     steps, guidance, max_len = DEV_DEFAULTS if transformer.config.guidance_embeds \
         else SCHNELL_DEFAULTS
+    clip, t5 = (_encoder(root / n, dtype, allow_pickle, on_demand) for n in ENCODER_FOLDERS)
     encoders = FluxTextEncoders(
-        clip=convert.load_model(root / "text_encoder", dtype=dtype, allow_pickle=allow_pickle),
-        t5=convert.load_model(root / "text_encoder_2", dtype=dtype, allow_pickle=allow_pickle),
+        clip=clip,
+        t5=t5,
         tokenizers=load_tokenizers(root),
         max_sequence_length=max_len,
         tokenizer_dirs=(str(root / "tokenizer"), str(root / "tokenizer_2")),

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pqjax.pipelines.components import load_lm_parts, save_lm_parts
+from pqjax.pipelines.components import held, load_lm_parts, save_lm_parts
 from pqjax.pipelines.pipeline import SamplingDefaults, check_sampling, seed_key
 
 # Sampling settings a checkpoint keeps (the schedule is kept beside them).
@@ -60,8 +60,15 @@ class LMTextToImage:
         return int(steps), float(g), height, width
 
     def _noise(self, n: int, seed: int, height: int, width: int, latents: Any) -> jax.Array:
+        """The starting latents: drawn from the seed, or the given ones, which must have the
+        shape of the sampled size (not silently another size)."""
         if latents is None:
             return self.initial_noise(n, seed, height, width)
+        f = self.vae_scale_factor
+        want = (n, self.transformer.config.in_channels, height // f, width // f)
+        if tuple(np.shape(latents)) != want:
+            raise ValueError(f"latents of shape {tuple(np.shape(latents))} given; sampling "
+                             f"{n} image(s) of {height}x{width} needs {want}")
         return jnp.asarray(latents, jnp.float32)
 
     def generate(self, prompts: str | Sequence[str], **kwargs: Any) -> np.ndarray:
@@ -76,13 +83,15 @@ class LMTextToImage:
     def save_parts(self, folder: Path) -> None:
         """Everything but the transformer (which `pqjax.save` writes), for `load_parts`."""
         settings = {name: getattr(self, name) for name in SETTINGS}
-        save_lm_parts(folder, self.text_encoder, self.tokenizer, self.vae,
+        save_lm_parts(folder, held(self.text_encoder), self.tokenizer, self.vae,
                       {**settings, **self._scheduler_settings()})
 
     @classmethod
-    def load_parts(cls, folder: Path, transformer: Any, **fields: Any) -> Any:
-        """The pipeline `save_parts` wrote, around a restored `transformer`."""
-        text_encoder, tokenizer, vae, settings = load_lm_parts(folder)
+    def load_parts(cls, folder: Path, transformer: Any, *, max_memory: Any = None,
+                   **fields: Any) -> Any:
+        """The pipeline `save_parts` wrote, around a restored `transformer`; the text encoder
+        stays on disk (`OnDemand`) where all weights exceed `max_memory`."""
+        text_encoder, tokenizer, vae, settings = load_lm_parts(folder, transformer, max_memory)
         return cls(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
                    vae=vae, **cls._scheduler_fields(settings),
                    **{k: settings[k] for k in SETTINGS}, **fields)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import convert
 from convert.resolve import EMBEDDED_MODELS
 from pqjax.models.family import families, family_of_pipeline
-from pqjax.pipelines.components import read_json
+from pqjax.pipelines.components import parse_bytes, read_json
 from pqjax.pipelines.flow import FlowMatchEuler
 from pqjax.pipelines.pipeline import IdentityDecoder, Pipeline, SamplingDefaults
 
@@ -38,8 +38,10 @@ def resolve_root(name_or_path: str | os.PathLike) -> Path:
     return root
 
 
-def load_tiny(root: Path, dtype: Any = jnp.float32, *, allow_pickle: bool = False) -> Pipeline:
-    """The embedded pixel-space digits model: prompt table, identity decoder."""
+def load_tiny(root: Path, dtype: Any = jnp.float32, *, allow_pickle: bool = False,
+              max_memory: Any = None) -> Pipeline:
+    """The embedded pixel-space digits model: prompt table, identity decoder (max_memory: no
+    encoder to release, the prompt table is a few kilobytes)."""
     from pqjax.models.text_table import PromptTable
 
     transformer = convert.load_transformer(root, dtype=dtype, allow_pickle=allow_pickle)
@@ -76,11 +78,15 @@ def load_pipeline(
     dtype: Any = jnp.float32,
     *,
     allow_pickle: bool = False,
+    max_memory: int | str | None = None,
 ) -> Pipeline:
     """The full-precision pipeline at `name_or_path` (see module docstring).
 
     allow_pickle: also load pickled `.bin`/`.pt` weights (torch, `weights_only=True`); off by
-    default because a pickle can run code."""
+    default because a pickle can run code. max_memory (bytes, or e.g. "16GiB"): where the
+    weights of all components exceed it, the text encoders stay on disk and load for each
+    encoding only (`pqjax.pipelines.components.OnDemand`): encode, release, then sample."""
+    parse_bytes(max_memory)  # refused before anything is read
     root = resolve_root(name_or_path)
     index = read_json(root / "model_index.json")
     kind = index.get("_class_name")
@@ -92,6 +98,7 @@ def load_pipeline(
             f"supported: {sorted([*_LOADERS, *known])}"
         )
     loader = _LOADERS[kind] if kind in _LOADERS else fam.pipeline_loader(kind)
-    pipe = loader(root, dtype, allow_pickle=allow_pickle)
+    kw = {} if max_memory is None else {"max_memory": max_memory}
+    pipe = loader(root, dtype, allow_pickle=allow_pickle, **kw)
     pipe.source = str(name_or_path)
     return pipe

@@ -6,8 +6,11 @@
 As diffusers' `SanaPipeline` (model card defaults: 20 steps, guidance 4.5, flow shift from the
 scheduler config, 300 prompt tokens after the complex human instruction, negative prompt ""):
 `sana_encode_prompt`, latents `(b, 32, H/32, W/32)`, `sana_sample`, `latents / scaling_factor`,
-DC-AE decode, `x / 2 + 0.5` clipped. The size is used as given (a multiple of 32); diffusers'
-default resolution binning maps sizes to its aspect-ratio bins first, which 1024 x 1024 is.
+DC-AE decode, `x / 2 + 0.5` clipped. Resolution binning as diffusers' default
+(`pqjax.pipelines.aspect_bins`): a requested size is generated at the closest trained aspect-ratio
+bin, and the decoded image is resized and centre-cropped back to it. `resolution_binning=None`
+(the default) bins wherever the transformer's sample size has a table; False uses the size as
+given (a multiple of the autoencoder's factor).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from pqjax.models.dcae import AutoencoderDC
 from pqjax.models.gemma2 import Gemma2Model
 from pqjax.models.lm_prompts import SANA_MAX_SEQUENCE_LENGTH, sana_encode_prompt
 from pqjax.models.lm_tokenizer import LMTokenizer
-from pqjax.pipelines.components import read_json_object
+from pqjax.pipelines.aspect_bins import SAMPLE_SIZES, bin_size, check_size, resize_and_crop
+from pqjax.pipelines.components import OnDemand, encoders_on_demand, held, read_json_object
 from pqjax.pipelines.lm_pipeline import LMTextToImage
 from pqjax.pipelines.sana import DEFAULT_GUIDANCE, DEFAULT_STEPS, SanaSchedule, sana_sample
 
@@ -36,7 +40,7 @@ class SanaTextToImage(LMTextToImage):
     """SANA transformer + Gemma-2 + DC-AE + the flow DPM-Solver++ schedule config."""
 
     transformer: Any
-    text_encoder: Gemma2Model
+    text_encoder: Gemma2Model | OnDemand
     tokenizer: LMTokenizer
     vae: AutoencoderDC
     scheduler_config: dict[str, Any]
@@ -59,13 +63,27 @@ class SanaTextToImage(LMTextToImage):
 
     def encode(self, prompts: Sequence[str],
                negative_prompt: str | Sequence[str] | None = ""):
-        return sana_encode_prompt(prompts, self.text_encoder, self.tokenizer,
+        return sana_encode_prompt(prompts, held(self.text_encoder), self.tokenizer,
                                   negative_prompt=negative_prompt,
                                   max_sequence_length=self.max_sequence_length)
 
+    def image_size(self, height: int | None = None, width: int | None = None,
+                   resolution_binning: bool | None = None) -> tuple[int, int]:
+        """The (height, width) the transformer samples for a requested size: its aspect-ratio
+        bin with binning (None: wherever the transformer's sample size has a table), else the
+        size itself (checked later to be a multiple of the autoencoder's factor)."""
+        height, width = height or self.height, width or self.width
+        sample_size = int(self.transformer.config.sample_size)
+        if resolution_binning is None:
+            resolution_binning = sample_size in SAMPLE_SIZES
+        if not resolution_binning:
+            return height, width
+        return bin_size(check_size("height", height), check_size("width", width), sample_size)
+
     def _prepare(self, prompts, seed, num_steps, guidance, height, width, latents,
-                 negative_prompt):
+                 negative_prompt, resolution_binning=None):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        height, width = self.image_size(height, width, resolution_binning)
         steps, g, height, width = self._settings(num_steps, guidance, height, width)
         # The negative prompt is encoded only for classifier-free guidance (g > 1).
         embeds, mask, neg, neg_mask = self.encode(prompts, negative_prompt if g > 1 else None)
@@ -78,20 +96,35 @@ class SanaTextToImage(LMTextToImage):
                        height: int | None = None, width: int | None = None,
                        latents: jax.Array | None = None,
                        negative_prompt: str | Sequence[str] = "",
+                       resolution_binning: bool | None = None,
                        progress: bool = False) -> jax.Array:
-        """Final latents `(b, 32, H/32, W/32)` float32, before decoding. `progress` is
+        """Final latents `(b, 32, h/32, w/32)` float32 at the sampled size (h, w) =
+        `image_size(height, width, resolution_binning)`, before decoding. `progress` is
         accepted for the FLUX pipeline's signature; this loop has no per-step bar."""
         args, g = self._prepare(prompts, seed, num_steps, guidance, height, width, latents,
-                                negative_prompt)
+                                negative_prompt, resolution_binning)
         return sana_sample(*args, guidance_scale=g)
+
+    def generate(self, prompts: str | Sequence[str], *, height: int | None = None,
+                 width: int | None = None, resolution_binning: bool | None = None,
+                 **kwargs: Any) -> np.ndarray:
+        """Images `(b, height, width, 3)` in [0, 1]: sampled at `image_size(...)`, decoded,
+        then resized and centre-cropped to the requested size; keywords as `sample_latents`."""
+        size = (height or self.height, width or self.width)
+        latents = self.sample_latents(prompts, height=height, width=width,
+                                      resolution_binning=resolution_binning, **kwargs)
+        return self.decode(latents, size=size)
 
     def calibration_batches(self, prompts: Sequence[str], *, seed: int = 0,
                             num_steps: int | None = None, guidance: float | None = None,
-                            height: int | None = None, width: int | None = None
+                            height: int | None = None, width: int | None = None,
+                            resolution_binning: bool | None = None
                             ) -> list[dict[str, jax.Array]]:
         """The transformer's inputs along the sampling trajectory of `prompts`, one batch per
-        step: with guidance, the doubled batch `[negative; prompts]` the model really sees."""
-        args, g = self._prepare(prompts, seed, num_steps, guidance, height, width, None, "")
+        step: with guidance, the doubled batch `[negative; prompts]` the model really sees (at
+        the sampled size, binned as `generate` bins it)."""
+        args, g = self._prepare(prompts, seed, num_steps, guidance, height, width, None, "",
+                                resolution_binning)
         model, _, schedule, embeds, mask, neg, neg_mask = args
         _, xs = sana_sample(*args, guidance_scale=g, trajectory=True)
         ctx, cmask = embeds, mask
@@ -106,11 +139,14 @@ class SanaTextToImage(LMTextToImage):
                                 encoder_attention_mask=cmask))
         return batches
 
-    def decode(self, latents: jax.Array) -> np.ndarray:
-        """latents `(b, 32, h, w)` -> images `(b, 32h, 32w, 3)` in [0, 1] (VaeImageProcessor)."""
+    def decode(self, latents: jax.Array, size: tuple[int, int] | None = None) -> np.ndarray:
+        """latents `(b, 32, h, w)` -> images `(b, 32h, 32w, 3)` in [0, 1] (VaeImageProcessor);
+        with `size` (height, width), resized and centre-cropped to it before clipping."""
         dtype = self.vae.decoder.conv_in.kernel[...].dtype
         z = latents.astype(dtype) / jnp.asarray(self.vae.config.scaling_factor, dtype)
         image = self.vae.decode(z).astype(jnp.float32)
+        if size is not None:
+            image = resize_and_crop(image, *size)
         return np.asarray(jnp.moveaxis(jnp.clip(image / 2 + 0.5, 0, 1), 1, -1))
 
     def _scheduler_settings(self) -> dict[str, Any]:
@@ -121,11 +157,14 @@ class SanaTextToImage(LMTextToImage):
         return {"scheduler_config": settings["scheduler_config"]}
 
 
-def load_sana(root: Path, dtype: Any = jnp.float32, *,
-              allow_pickle: bool = False) -> SanaTextToImage:
+def load_sana(root: Path, dtype: Any = jnp.float32, *, allow_pickle: bool = False,
+              max_memory: Any = None) -> SanaTextToImage:
     """A diffusers SanaPipeline folder (transformer/, text_encoder/, tokenizer/, vae/,
-    scheduler/) as a JAX pipeline."""
+    scheduler/) as a JAX pipeline. max_memory: where all weights in `dtype` exceed it, Gemma-2
+    stays on disk until each encoding (`OnDemand`)."""
     root = Path(root)
+    on_demand = encoders_on_demand(root, ("text_encoder",), ("transformer", "vae"), dtype=dtype,
+                                   allow_pickle=allow_pickle, max_memory=max_memory)
     sched_path = root / "scheduler" / "scheduler_config.json"
     config = read_json_object(sched_path)
     try:
@@ -138,8 +177,8 @@ def load_sana(root: Path, dtype: Any = jnp.float32, *,
     size = int(transformer.config.sample_size) * vae.config.spatial_compression
     return SanaTextToImage(
         transformer=transformer,
-        text_encoder=convert.load_model(root / "text_encoder", dtype=dtype,
-                                        allow_pickle=allow_pickle),
+        text_encoder=OnDemand(root / "text_encoder", dtype, allow_pickle) if on_demand
+        else convert.load_model(root / "text_encoder", dtype=dtype, allow_pickle=allow_pickle),
         tokenizer=LMTokenizer.load(root / "tokenizer"),
         vae=vae,
         scheduler_config=config,

@@ -1,13 +1,15 @@
-"""Z-Image-Turbo's sampling loop in one jit: flow-matching Euler, the pipeline's conventions.
+"""Z-Image's sampling loop in one jit: flow-matching Euler, the pipeline's conventions.
 
     sched = FlowMatchEuler(shift=3.0, use_dynamic_shifting=False)   # Z-Image-Turbo's scheduler
-    latents = zimage_sample(model, noise, t_sigmas(sched, 8), caps, cap_lens)
+    latents = zimage_sample(model, noise, zimage_schedule(sched, 8), caps, cap_lens)
 
-As diffusers' ZImagePipeline (guidance 0, the Turbo setting): sigmas from
-`linspace(1, 1/n, n)` through the scheduler's shift; the transformer receives
-`(1000 - t) / 1000` with t = 1000 sigma; its output is negated (it predicts x0 - noise);
-Euler steps in float32. Caption features come from the text encoder (Qwen3, not ported yet:
-pass them in).
+As diffusers' ZImagePipeline: sigmas from `linspace(1, 1/n, n)` through the scheduler's shift;
+the transformer receives `(1000 - t) / 1000` with t = 1000 sigma; its output is negated (it
+predicts x0 - noise); Euler steps in float32. Classifier-free guidance runs where the guidance
+is above 0 (the Turbo model card's setting is 0): the batch `[prompts; negatives]`, the
+prediction `pos + g (pos - neg)`, with the pipeline's two options: `cfg_truncation` (no guidance
+at steps whose `(1000 - t) / 1000` exceeds it) and `cfg_normalization` (the guided prediction's
+norm, per image, at most that multiple of the positive one's; 0 = off).
 """
 
 from __future__ import annotations
@@ -34,15 +36,48 @@ def zimage_schedule(sched: FlowMatchEuler, num_steps: int = DEFAULT_STEPS,
     return sigmas, ((np.float32(1000) - t) / np.float32(1000)).astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "trajectory"))
-def _sample(graphdef, state, latents, sigmas, timesteps, caps, cap_lens, trajectory=False):
+def guidance_per_step(timesteps: np.ndarray, guidance: float,
+                      cfg_truncation: float | None = 1.0) -> np.ndarray:
+    """`(n,)` float32: the guidance of each step, 0 where `cfg_truncation` (<= 1) turns it off
+    (`timesteps` are the transformer's, `(1000 - t) / 1000`)."""
+    scales = np.full(np.shape(timesteps), guidance, np.float32)
+    if cfg_truncation is not None and float(cfg_truncation) <= 1:
+        scales[np.asarray(timesteps) > float(cfg_truncation)] = 0.0
+    return scales
+
+
+def guided(pos: jax.Array, neg: jax.Array, scale: jax.Array, cfg_normalization: float
+           ) -> jax.Array:
+    """`pos + scale (pos - neg)` float32, per image `(b, ...)`; with `cfg_normalization` > 0
+    its norm is capped at that multiple of `pos`'s. A scale of 0 gives `pos` itself."""
+    pos, neg = pos.astype(jnp.float32), neg.astype(jnp.float32)
+    pred = pos + scale * (pos - neg)
+    if cfg_normalization > 0:
+        axes = tuple(range(1, pos.ndim))
+        pos_norm = jnp.sqrt(jnp.sum(pos * pos, axis=axes, keepdims=True))
+        new_norm = jnp.sqrt(jnp.sum(pred * pred, axis=axes, keepdims=True))
+        cap = pos_norm * cfg_normalization
+        pred = jnp.where(new_norm > cap, pred * (cap / new_norm), pred)
+    return jnp.where(scale > 0, pred, pos)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "trajectory", "cfg_normalization"))
+def _sample(graphdef, state, latents, sigmas, timesteps, caps, cap_lens, scales=None,
+            trajectory=False, cfg_normalization=0.0):
+    """`scales` None: one batch. Otherwise `caps`/`cap_lens` hold `[prompts; negatives]`
+    (2b rows) and `scales (n,)` is the guidance of each step."""
     model = nnx.merge(graphdef, state)
 
     def step(i, x):
-        t = jnp.full((x.shape[0],), timesteps[i], jnp.float32)
-        out = model.forward_batch(x[:, :, None].astype(caps.dtype), t, caps, cap_lens)[:, :, 0]
-        v = -out.astype(jnp.float32)
-        return x + (sigmas[i + 1] - sigmas[i]) * v
+        b = x.shape[0]
+        xin = x if scales is None else jnp.concatenate([x, x])
+        t = jnp.full((xin.shape[0],), timesteps[i], jnp.float32)
+        out = model.forward_batch(xin[:, :, None].astype(caps.dtype), t, caps, cap_lens)[:, :, 0]
+        if scales is None:
+            pred = out.astype(jnp.float32)
+        else:
+            pred = guided(out[:b], out[b:], scales[i], cfg_normalization)
+        return x + (sigmas[i + 1] - sigmas[i]) * -pred
 
     x = latents.astype(jnp.float32)
     if trajectory:  # also the sample before every step (the transformer's inputs)
@@ -51,11 +86,31 @@ def _sample(graphdef, state, latents, sigmas, timesteps, caps, cap_lens, traject
 
 
 def zimage_sample(model: nnx.Module, latents: jax.Array, schedule: tuple[np.ndarray, np.ndarray],
-                  caps: jax.Array, cap_lens: jax.Array, *, trajectory: bool = False) -> Any:
+                  caps: jax.Array, cap_lens: jax.Array, *, trajectory: bool = False,
+                  negative: tuple[jax.Array, jax.Array] | None = None, guidance: float = 0.0,
+                  cfg_truncation: float | None = 1.0, cfg_normalization: float = 0.0) -> Any:
     """Denoise `latents (b, c, h, w)` with caption features `caps (b, L, cap_dim)` (lengths
     `cap_lens (b,)`); returns the final latents `(b, c, h, w)` float32 (with `trajectory`: and
-    the latents before every step, `(n, b, c, h, w)`)."""
+    the latents before every step, `(n, b, c, h, w)`).
+
+    guidance > 0: classifier-free guidance against `negative` = (features `(b, L', cap_dim)`,
+    lengths `(b,)`), with the pipeline's truncation and normalization (module docstring)."""
     sigmas, timesteps = schedule
     graphdef, state = nnx.split(model)
+    scales = None
+    if guidance > 0:
+        if negative is None:
+            raise ValueError("guidance > 0 needs the negative prompts' features")
+        caps, cap_lens = join_captions((caps, cap_lens), negative)
+        scales = jnp.asarray(guidance_per_step(timesteps, guidance, cfg_truncation))
     return _sample(graphdef, state, latents, jnp.asarray(sigmas), jnp.asarray(timesteps), caps,
-                   jnp.asarray(cap_lens), trajectory=trajectory)
+                   jnp.asarray(cap_lens), scales, trajectory=trajectory,
+                   cfg_normalization=float(cfg_normalization))
+
+
+def join_captions(*parts: tuple[jax.Array, Any]) -> tuple[jax.Array, jax.Array]:
+    """Caption features `(b_k, L_k, d)` with lengths, stacked into one batch (right-padded with
+    zeros to the longest L): `(sum b_k, max L_k, d)` and `(sum b_k,)`."""
+    width = max(f.shape[1] for f, _ in parts)
+    feats = [jnp.pad(f, ((0, 0), (0, width - f.shape[1]), (0, 0))) for f, _ in parts]
+    return jnp.concatenate(feats), jnp.concatenate([jnp.asarray(n) for _, n in parts])

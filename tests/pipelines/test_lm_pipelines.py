@@ -42,19 +42,23 @@ SANA_QUANTIZABLE = dataclasses.replace(TINY_QK, attention_head_dim=16, cross_att
                                        num_cross_attention_heads=2, cross_attention_head_dim=16)
 
 
-def tiny_sana(root, transformer_config=TINY_QK):
+def tiny_sana(root, transformer_config=TINY_QK, *, sample_size=8, vae_stages=3):
+    """A SanaPipeline of tiny random parts in `root / "sana"`; the DC-AE compresses by
+    2 ** (vae_stages - 1)."""
     vocab = write_gemma_tokenizer(root / "tok")
     torch.manual_seed(0)
     gemma = _random(transformers.Gemma2Model(transformers.Gemma2Config(
         vocab_size=vocab, sliding_window=64, query_pre_attn_scalar=8, **LM)))
-    cfg = dataclasses.replace(transformer_config, caption_channels=32, sample_size=8)
+    cfg = dataclasses.replace(transformer_config, caption_channels=32, sample_size=sample_size)
     transformer = _random(diffusers.SanaTransformer2DModel(**dataclasses.asdict(cfg)))
+    n = vae_stages
+    channels = (8,) + (16,) * (n - 1)
     vae = _random(diffusers.AutoencoderDC(
         in_channels=3, latent_channels=4, attention_head_dim=4,
-        encoder_block_out_channels=(8, 16, 16), encoder_layers_per_block=(1, 1, 1),
-        encoder_qkv_multiscales=((), (), ()), decoder_block_out_channels=(8, 16, 16),
-        decoder_layers_per_block=(1, 1, 1), decoder_qkv_multiscales=((), (), (3,)),
-        decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=channels, encoder_layers_per_block=(1,) * n,
+        encoder_qkv_multiscales=((),) * n, decoder_block_out_channels=channels,
+        decoder_layers_per_block=(1,) * n, decoder_qkv_multiscales=((),) * (n - 1) + ((3,),),
+        decoder_block_types=("ResBlock",) * (n - 1) + ("EfficientViTBlock",),
         upsample_block_type="interpolate", scaling_factor=0.41407), std=0.1)
     pipe = diffusers.SanaPipeline(
         tokenizer=transformers.AutoTokenizer.from_pretrained(root / "tok"), text_encoder=gemma,
@@ -109,8 +113,6 @@ def test_zimage_pipeline_matches_diffusers(tmp_path):
     got = pipe.generate(PROMPTS, height=16, width=12, num_steps=4, latents=latents.numpy())
     assert got.shape == want.shape == (3, 16, 12, 3)
     assert_close_rel(got, want, 1e-4, "Z-Image images")
-    with pytest.raises(ValueError, match="guided sampling is not implemented"):
-        pipe.generate(PROMPTS[:1], height=16, width=12, guidance=5.0)
     with pytest.raises(ValueError, match="height must be a positive multiple of 4"):
         pipe.generate(PROMPTS[:1], height=10, width=12)
 
@@ -171,8 +173,10 @@ def test_zimage_quantize_on_its_trajectories(tmp_path):
     _round_trip(qpipe, images, PROMPTS[2:], tmp_path, **kw)
 
 
-def test_sana_through_the_cli(sana_folder, tmp_path):
-    """quantize -> generate -> report on a SanaPipeline folder, as a user runs them."""
+def _through_the_cli(folder, tmp_path, size, generate_args=()):
+    """quantize (with its comparison) -> generate -> report, as a user runs them."""
+    import json
+
     from PIL import Image
 
     from pqjax.cli import main
@@ -180,12 +184,30 @@ def test_sana_through_the_cli(sana_folder, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS[:2]) + "\n")
     ckpt, image = tmp_path / "q", tmp_path / "fox.png"
-    assert main(["quantize", str(sana_folder), "--out", str(ckpt), "--no-compare",
-                 "--rows", "32", "--calib-prompts", str(prompts), "--no-compile-cache"]) == 0
-    assert main(["generate", str(ckpt), PROMPTS[0], "--steps", "2", "--out", str(image),
-                 "--no-compile-cache"]) == 0
-    assert Image.open(image).size == (32, 32)
+    sizes = ["--steps", "2", "--height", str(size[0]), "--width", str(size[1])]
+    assert main(["quantize", str(folder), "--out", str(ckpt), "--rows", "32",
+                 "--calib-prompts", str(prompts), "--no-compile-cache", *sizes]) == 0
+    metrics = json.loads((ckpt / "compare" / "metrics.json").read_text())
+    assert set(metrics) == {"full_precision", "W4A4_nvfp4_rtn", "W4A4_nvfp4_permuquant"}
+    assert all(np.isfinite(m["psnr_vs_fp"]) for k, m in metrics.items() if k != "full_precision")
+    assert metrics["W4A4_nvfp4_permuquant"]["reused"]  # the saved model, not quantized again
+    assert (ckpt / "compare" / "index.html").is_file()
+    assert main(["generate", str(ckpt), PROMPTS[0], *sizes, "--out", str(image),
+                 "--no-compile-cache", *generate_args]) == 0
+    assert Image.open(image).size == (size[1], size[0])
     assert main(["report", str(ckpt)]) == 0
+
+
+def test_sana_through_the_cli(sana_folder, tmp_path):
+    _through_the_cli(sana_folder, tmp_path, (32, 32))
+
+
+def test_zimage_through_the_cli(tmp_path):
+    """At a size the tiny model can take (its default is the real model's 1024 px), with
+    guidance and a memory budget that keeps Qwen3 on disk."""
+    tiny_zimage(tmp_path)
+    _through_the_cli(tmp_path / "zimage", tmp_path, (16, 24),
+                     ["--guidance", "2", "--max-memory", "1KB"])
 
 
 def test_noise_takes_any_seed_like_the_flux_pipeline(sana_folder):
