@@ -56,8 +56,11 @@ class Family:
     model_class: the NNX transformer; config_class: its config dataclass (parsed from
     config.json by its key map, `checkpoint_classes` in `convert.keymaps`).
     pipelines: ((`model_index.json` class, "module:function"), ...): the loader
-    `fn(root, dtype, *, allow_pickle) -> Pipeline` of each pipeline class (named, not
-    imported: pipelines sit above the models).
+    `fn(root, dtype, *, allow_pickle, max_memory) -> Pipeline` of each pipeline class (named,
+    not imported: pipelines sit above the models).
+    components: ((pipeline subfolder, checkpoint class), ...): the diffusers pipeline's
+    weight folders, each read by the key map of its class (`convert.keymaps`, where diffusers'
+    and transformers' names meet the NNX state) with the same streaming safetensors reader.
     sites: `fn(model) -> [Site]`, the permutation sites (`permute.sites`).
     keep_16bit: (path glob, why) for the Linears that stay 16-bit by default.
     block_lists: the attributes holding the transformer blocks, in execution order.
@@ -71,6 +74,7 @@ class Family:
     config_class: type
     checkpoint_classes: tuple[str, ...]
     pipelines: tuple[tuple[str, str], ...]
+    components: tuple[tuple[str, str], ...]
     sites: Callable[[nnx.Module], list[Site]]
     keep_16bit: tuple[tuple[str, str], ...]
     block_lists: tuple[str, ...]

@@ -123,6 +123,8 @@ FAMILY = Family(
         ("FluxPipeline", "pqjax.pipelines.flux:load_flux"),
         ("TinyFluxDigitsPipeline", "pqjax.pipelines.load:load_tiny"),
     ),
+    components=(("transformer", "FluxTransformer2DModel"), ("text_encoder", "CLIPTextModel"),
+                ("text_encoder_2", "T5EncoderModel"), ("vae", "AutoencoderKL")),
     sites=flux_sites,
     keep_16bit=KEEP_16BIT,
     block_lists=("transformer_blocks", "single_transformer_blocks"),

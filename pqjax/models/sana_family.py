@@ -149,6 +149,8 @@ FAMILY = Family(
     config_class=SanaConfig,
     checkpoint_classes=("SanaTransformer2DModel",),
     pipelines=(("SanaPipeline", "pqjax.pipelines.sana_pipeline:load_sana"),),
+    components=(("transformer", "SanaTransformer2DModel"), ("text_encoder", "Gemma2Model"),
+                ("vae", "AutoencoderDC")),
     sites=sana_sites,
     keep_16bit=KEEP_16BIT,
     block_lists=("transformer_blocks",),

@@ -100,6 +100,8 @@ FAMILY = Family(
     config_class=ZImageConfig,
     checkpoint_classes=("ZImageTransformer2DModel",),
     pipelines=(("ZImagePipeline", "pqjax.pipelines.zimage_pipeline:load_zimage"),),
+    components=(("transformer", "ZImageTransformer2DModel"), ("text_encoder", "Qwen3Model"),
+                ("vae", "AutoencoderKL")),
     sites=zimage_sites,
     keep_16bit=KEEP_16BIT,
     block_lists=BLOCK_LISTS,

@@ -122,7 +122,8 @@ def toy_sites(model):
 
 FAMILY = Family(
     name="toy", model_class=ToyDiT, config_class=ToyConfig, checkpoint_classes=("ToyDiT",),
-    pipelines=(), sites=toy_sites, keep_16bit=(), block_lists=("blocks",),
+    pipelines=(), components=(("transformer", "ToyDiT"),), sites=toy_sites, keep_16bit=(),
+    block_lists=("blocks",),
     memory=lambda c, preset: FamilyMemory(4, 1, 8, 8, 4, True, True, "toy"),
     presets=dict,
 )
