@@ -155,7 +155,7 @@ def config_str(cfg: Any) -> str:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("PQJAX_COMPILE_CACHE", Path.home() / ".cache" / "pqjax-cubins"))
+    return Path(os.environ.get("PQJAX_CUBIN_CACHE", Path.home() / ".cache" / "pqjax-cubins"))
 
 
 def compiler_name(xla: bool) -> str:

@@ -4,8 +4,8 @@ No GPU: Pallas lowers each kernel to TTIR on CPU and the PyPI `triton` package c
 with its bundled ptxas (benchmarks/triton_compile.py). For each table row (the norm writing
 NVFP4; the NVFP4 W4A4 matmul; the MXFP4 matmul's FP8 path on the targets with FP8 MMAs) and
 target: it compiles, ptxas reports no spill bytes, and the shared memory fits the target's
-per-block limit. Compiles are memoized on disk (~/.cache/pqjax-cubins, keyed by the TTIR,
-options, target and triton version), so a warm run takes seconds.
+per-block limit. Compiles are memoized on disk ($PQJAX_CUBIN_CACHE, else ~/.cache/pqjax-cubins,
+keyed by the TTIR, options, target and triton version), so a warm run takes seconds.
 """
 
 from __future__ import annotations
