@@ -27,6 +27,24 @@ class WeightSource(Protocol):
     def read(self, key: str) -> np.ndarray: ...
     def file_of(self, key: str) -> Path: ...
     def shape(self, key: str) -> tuple[int, ...]: ...
+    def dtype(self, key: str) -> np.dtype: ...
+
+
+def stored_dtype(weights: WeightSource, keys: list[str]) -> np.dtype:
+    """The dtype a model is held in by default: its checkpoint's own, the floating dtype of
+    most of its parameters by count (bf16 for FLUX.1-dev). float64 is held as float32, and 8-bit
+    floats (fp8 checkpoints) as bfloat16, the dtype they are computed in."""
+    counts: dict[np.dtype, int] = {}
+    for k in keys:
+        dt = np.dtype(weights.dtype(k))
+        if dt.kind in "fV":
+            counts[dt] = counts.get(dt, 0) + int(np.prod(weights.shape(k), dtype=np.int64))
+    if not counts:
+        return np.dtype(np.float32)
+    dt = max(counts, key=counts.get)
+    if dt == np.float64:
+        return np.dtype(np.float32)
+    return np.dtype(jnp.bfloat16) if dt.itemsize == 1 else dt
 
 
 def open_weights(folder: Path, weights_name: str, *, allow_pickle: bool = False) -> WeightSource:
@@ -121,9 +139,10 @@ def check_block_counts(spec: registry.ModelSpec, config: Any, keys: list[str],
 
 
 def load_model(
-    folder: str | os.PathLike, *, dtype: Any = jnp.float32, allow_pickle: bool = False
+    folder: str | os.PathLike, *, dtype: Any = None, allow_pickle: bool = False
 ) -> nnx.Module:
-    """Build the model `folder/config.json` describes and fill it from the folder's weights."""
+    """Build the model `folder/config.json` describes and fill it from the folder's weights,
+    held in `dtype` (None: the checkpoint's own, `stored_dtype`)."""
     folder = Path(folder)
     raw = read_config(folder)
     source = str(folder / "config.json")
@@ -132,6 +151,8 @@ def load_model(
     weights = open_weights(folder, spec.weights_name, allow_pickle=allow_pickle)
     origin = _model_keys(weights.keys(), spec)
     check_block_counts(spec, config, list(origin), source)
+    if dtype is None:
+        dtype = stored_dtype(weights, list(origin.values()))
     model = nnx.eval_shape(lambda: spec.module(config, dtype=dtype, rngs=nnx.Rngs(0)))
     return bridge.load_params(
         model,
@@ -144,10 +165,11 @@ def load_model(
 
 
 def weight_bytes(
-    folder: str | os.PathLike, *, dtype: Any = jnp.float32, allow_pickle: bool = False
+    folder: str | os.PathLike, *, dtype: Any = None, allow_pickle: bool = False
 ) -> int:
-    """The bytes of the checkpoint's tensors in `dtype` (what `load_model(folder, dtype=dtype)`
-    holds), from its header's shapes alone: no tensor is read, no model built."""
+    """The bytes of the checkpoint's tensors in `dtype` (None: its own) that
+    `load_model(folder, dtype=dtype)` holds, from its header alone: no tensor is read, no model
+    built."""
     folder = Path(folder)
     raw = read_config(folder)
     source = str(folder / "config.json")
@@ -155,7 +177,9 @@ def weight_bytes(
     weights = open_weights(folder, spec.weights_name, allow_pickle=allow_pickle)
     origin = _model_keys(weights.keys(), spec)  # the tensors the model takes
     count = sum(int(np.prod(weights.shape(k), dtype=np.int64)) for k in origin.values())
-    return count * jnp.dtype(dtype).itemsize
+    if dtype is None:
+        dtype = stored_dtype(weights, list(origin.values()))
+    return count * np.dtype(dtype).itemsize
 
 
 def load_submodule(module: nnx.Module, prefix: str, weights: WeightSource, *,
@@ -187,10 +211,11 @@ def _model_keys(keys: list[str], spec: registry.ModelSpec) -> dict[str, str]:
 
 def load_transformer(
     path_or_name: str | os.PathLike,
-    dtype: Any = jnp.float32,
+    dtype: Any = None,
     *,
     allow_pickle: bool = False,
     subfolder: str = "transformer",
 ) -> nnx.Module:
-    """The NNX transformer of a diffusers model folder, HF cache entry or short name."""
+    """The NNX transformer of a diffusers model folder, HF cache entry or short name, held in
+    `dtype` (None: the checkpoint's own)."""
     return load_model(resolve(path_or_name, subfolder), dtype=dtype, allow_pickle=allow_pickle)

@@ -66,3 +66,13 @@ class PickledCheckpoint:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(getattr(self._tensors[key], "shape", ()))
+
+    def dtype(self, key: str) -> np.dtype:
+        """The stored dtype as numpy names it (bf16 and fp8 through ml_dtypes)."""
+        name = str(getattr(self._tensors[key], "dtype", "torch.float32")).removeprefix("torch.")
+        names = {"float8_e4m3fn": ml_dtypes.float8_e4m3fn, "float8_e5m2": ml_dtypes.float8_e5m2,
+                 "bfloat16": ml_dtypes.bfloat16}
+        try:
+            return np.dtype(names.get(name, name))
+        except TypeError:  # integer and bool buffers and the like: not a weight dtype
+            return np.dtype(np.int64)

@@ -275,6 +275,9 @@ class Checkpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         return self.info(key).shape
 
+    def dtype(self, key: str) -> np.dtype:
+        return self.info(key).dtype
+
     def read(self, key: str) -> np.ndarray:
         return self._where[key].read(key)
 

@@ -11,8 +11,6 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import jax.numpy as jnp
-
 from pqjax.calibrate import Calibration, calibrate
 from pqjax.pipelines.load import EMBEDDED, load_pipeline
 from pqjax.pipelines.pipeline import Pipeline
@@ -78,13 +76,14 @@ def convert_and_quantize(
     calib_seed: int = 0,
     calib_steps: int | None = None,
     n_rows: int = 256,
-    dtype: Any = jnp.float32,
+    dtype: Any = None,
     progress: bool = True,
     allow_pickle: bool = False,
     max_memory: int | str | None = None,
 ) -> Pipeline:
     """Load `name_or_path` (default: the embedded trained tiny FLUX), calibrate it on its own
     sampling trajectories for `calib_prompts`, and quantize its transformer with `config`.
+    dtype: of the loaded weights (None: each checkpoint's own, bf16 for FLUX.1-dev).
     allow_pickle: also load pickled `.bin`/`.pt` weights (torch, `weights_only=True`).
     max_memory (bytes or e.g. "16GiB"): where all weights exceed it, the text encoders load
     for calibration's encoding and are released before sampling (see `load_pipeline`)."""

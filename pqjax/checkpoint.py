@@ -210,7 +210,7 @@ def restore(ckpt_dir: str | os.PathLike, *, backend: str = "xla",
     kw = {}
     if hasattr(encoders, "ENCODER_FOLDERS"):  # FLUX's CLIP + T5 (the prompt table is tiny)
         kw["on_demand"] = encoders_on_demand(
-            root / "text_encoder", encoders.ENCODER_FOLDERS, (), dtype=jnp.float32,
+            root / "text_encoder", encoders.ENCODER_FOLDERS, (), dtype=None,
             max_memory=max_memory,
             extra_bytes=tree_bytes(model) + tree_bytes(getattr(decoder, "vae", None)))
     return Pipeline(

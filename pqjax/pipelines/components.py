@@ -10,8 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pqjax.errors import CheckpointError
 
 
@@ -22,14 +20,13 @@ class OnDemand:
     budget: encode the prompts, release the encoder, then sample)."""
 
     folder: Path
-    dtype: Any = None
+    dtype: Any = None  # None: the checkpoint's own
     allow_pickle: bool = False
 
     def load(self) -> Any:
         import convert
 
-        kw = {} if self.dtype is None else {"dtype": self.dtype}
-        return convert.load_model(self.folder, allow_pickle=self.allow_pickle, **kw)
+        return convert.load_model(self.folder, dtype=self.dtype, allow_pickle=self.allow_pickle)
 
 
 def held(component: Any) -> Any:
@@ -143,7 +140,7 @@ def load_lm_parts(folder: Path, transformer: Any = None, max_memory: Any = None
     from pqjax.models.lm_tokenizer import LMTokenizer
 
     folder = Path(folder)
-    on_demand = encoders_on_demand(folder, ("text_encoder",), ("vae",), dtype=np.float32,
+    on_demand = encoders_on_demand(folder, ("text_encoder",), ("vae",), dtype=None,
                                    max_memory=max_memory, extra_bytes=tree_bytes(transformer))
     text_encoder = (OnDemand(folder / "text_encoder") if on_demand
                     else convert.load_model(folder / "text_encoder"))

@@ -57,7 +57,7 @@ class FluxTextEncoders:
             {"_class_name": "FluxTextEncoders", "max_sequence_length": self.max_sequence_length}))
 
     @classmethod
-    def load(cls, folder: Path, dtype: Any = jnp.float32, *,
+    def load(cls, folder: Path, dtype: Any = None, *,
              on_demand: bool = False) -> FluxTextEncoders:
         folder = Path(folder)
         meta = read_json(folder / "model_index.json")
@@ -88,7 +88,7 @@ class VAEDecoder:
         convert.export_model(self.vae, Path(folder) / "vae")
 
     @classmethod
-    def load(cls, folder: Path, dtype: Any = jnp.float32) -> VAEDecoder:
+    def load(cls, folder: Path, dtype: Any = None) -> VAEDecoder:
         return cls(convert.load_model(Path(folder) / "vae", dtype=dtype))
 
 
@@ -101,7 +101,7 @@ def _encoder(folder: Path, dtype: Any, allow_pickle: bool, on_demand: bool) -> A
     return convert.load_model(folder, dtype=dtype, allow_pickle=allow_pickle)
 
 
-def load_flux(root: Path, dtype: Any = jnp.float32, *, allow_pickle: bool = False,
+def load_flux(root: Path, dtype: Any = None, *, allow_pickle: bool = False,
               max_memory: Any = None) -> Pipeline:
     """A diffusers FluxPipeline folder (dev or schnell) as a JAX Pipeline. max_memory: where
     the weights of all components in `dtype` exceed it, CLIP and T5 stay on disk until each

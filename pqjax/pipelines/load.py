@@ -13,8 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
-
 import convert
 from convert.resolve import EMBEDDED_MODELS
 from pqjax.models.family import families, family_of_pipeline
@@ -38,7 +36,7 @@ def resolve_root(name_or_path: str | os.PathLike) -> Path:
     return root
 
 
-def load_tiny(root: Path, dtype: Any = jnp.float32, *, allow_pickle: bool = False,
+def load_tiny(root: Path, dtype: Any = None, *, allow_pickle: bool = False,
               max_memory: Any = None) -> Pipeline:
     """The embedded pixel-space digits model: prompt table, identity decoder (max_memory: no
     encoder to release, the prompt table is a few kilobytes)."""
@@ -75,12 +73,13 @@ def register_pipeline(class_name: str) -> Callable[[Callable], Callable]:
 
 def load_pipeline(
     name_or_path: str | os.PathLike = EMBEDDED,
-    dtype: Any = jnp.float32,
+    dtype: Any = None,
     *,
     allow_pickle: bool = False,
     max_memory: int | str | None = None,
 ) -> Pipeline:
-    """The full-precision pipeline at `name_or_path` (see module docstring).
+    """The full-precision pipeline at `name_or_path` (see module docstring), each component
+    held in `dtype` (None: its checkpoint's own, bf16 for FLUX.1-dev).
 
     allow_pickle: also load pickled `.bin`/`.pt` weights (torch, `weights_only=True`); off by
     default because a pickle can run code. max_memory (bytes, or e.g. "16GiB"): where the

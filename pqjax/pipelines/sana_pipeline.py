@@ -157,7 +157,7 @@ class SanaTextToImage(LMTextToImage):
         return {"scheduler_config": settings["scheduler_config"]}
 
 
-def load_sana(root: Path, dtype: Any = jnp.float32, *, allow_pickle: bool = False,
+def load_sana(root: Path, dtype: Any = None, *, allow_pickle: bool = False,
               max_memory: Any = None) -> SanaTextToImage:
     """A diffusers SanaPipeline folder (transformer/, text_encoder/, tokenizer/, vae/,
     scheduler/) as a JAX pipeline. max_memory: where all weights in `dtype` exceed it, Gemma-2

@@ -157,7 +157,7 @@ class ZImageTextToImage(LMTextToImage):
         return {"scheduler": FlowMatchEuler(**settings["scheduler"])}
 
 
-def load_zimage(root: Path, dtype: Any = jnp.float32, *, allow_pickle: bool = False,
+def load_zimage(root: Path, dtype: Any = None, *, allow_pickle: bool = False,
                 max_memory: Any = None) -> ZImageTextToImage:
     """A diffusers ZImagePipeline folder (transformer/, text_encoder/, tokenizer/, vae/,
     scheduler/) as a JAX pipeline. max_memory: where all weights in `dtype` exceed it, Qwen3
