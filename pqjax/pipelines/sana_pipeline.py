@@ -85,9 +85,9 @@ class SanaTextToImage(LMTextToImage):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         height, width = self.image_size(height, width, resolution_binning)
         steps, g, height, width = self._settings(num_steps, guidance, height, width)
+        noise = self._noise(len(prompts), seed, height, width, latents)  # checked first
         # The negative prompt is encoded only for classifier-free guidance (g > 1).
         embeds, mask, neg, neg_mask = self.encode(prompts, negative_prompt if g > 1 else None)
-        noise = self._noise(len(prompts), seed, height, width, latents)
         schedule = SanaSchedule.from_config(self.scheduler_config, steps)
         return (self.transformer, noise, schedule, embeds, mask, neg, neg_mask), g
 

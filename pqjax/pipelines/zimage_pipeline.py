@@ -90,9 +90,9 @@ class ZImageTextToImage(LMTextToImage):
                 else list(negative_prompt))
             if len(negatives) != len(prompts):
                 raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        noise = self._noise(len(prompts), seed, height, width, latents)  # checked first
         qwen = held(self.text_encoder)  # loaded here if on demand, released on return
         caps, lengths = self._captions(prompts, qwen)
-        noise = self._noise(len(prompts), seed, height, width, latents)
         seq = (noise.shape[2] // 2) * (noise.shape[3] // 2)
         schedule = zimage_schedule(self.scheduler, steps, image_seq_len=seq)
         guide = dict(guidance=g, cfg_truncation=cfg_truncation,
