@@ -1,14 +1,31 @@
-"""Test-wide settings: float32 matmuls at full precision, so parity bounds mean what they say.
+"""Test-wide settings: float32 matmuls at full precision, so parity bounds mean what they say;
+a persistent compilation cache for the test run.
 
 Under pytest-xdist (`make test` runs 2 processes) a GPU is shared, so no process preallocates
 most of its memory.
 
-No persistent compilation cache by default. A run with one crashed with a segmentation fault
-inside jax's cache read (`compilation_cache.get_executable_and_time`, deserializing an
-executable the other xdist process had written), so programs are compiled in each process.
-PQJAX_TEST_JAX_CACHE=<folder> turns jax's cache on for a local run, at that risk. pqjax's own
-command cache (pqjax.compile_cache) is off too, so CLI subprocesses never write to the user's
-~/.cache; tests of that cache turn it on in a temporary folder.
+Compilation is most of the suite's time: a PermuQuant-H search on the tiny FLUX compiles for
+69 s and then runs in 0.2 s. So jax's persistent cache keeps every program that took over
+0.1 s to compile, in `~/.cache/pqjax/jax-tests/<cpu>` ($XDG_CACHE_HOME honoured;
+PQJAX_TEST_JAX_CACHE=<folder> moves it, PQJAX_TEST_JAX_CACHE=0 turns it off). Tests that build
+the same program again (each test file frees its programs when it ends; a new jit wrapper, a
+restored model, a CLI or multi-device subprocess, the other xdist process) load it, and a
+second run compiles little. It is set through jax's environment variables, so the subprocesses
+that tests start use it too.
+- A size limit turns on jax's file lock around every read and write, so neither xdist process
+  reads an entry the other is still writing. jax then lists the whole folder on every write
+  (its LRU eviction), so programs under 0.1 s are not kept: with every program kept (10k
+  entries by then) a run was 75% done after 27 minutes, where a run without any cache
+  finished in 29.
+- <cpu> is a digest of the processor's model and instruction-set flags: an executable compiled
+  for one CPU is never loaded on another, where it might not run, or might round differently.
+- A run with the cache once segfaulted inside jax's cache read. That run predates freeing each
+  file's programs (`_release_compiled_programs`); runs without the cache later segfaulted
+  too, near the kernel's memory-map limit, which is the likely cause of both (not proven).
+  If it comes back, PQJAX_TEST_JAX_CACHE=0 turns the cache off.
+
+pqjax's own command cache (pqjax.compile_cache) sees jax's folder already set and keeps it, so
+CLI subprocesses never write to the user's ~/.cache/pqjax/jax.
 """
 
 import os
@@ -19,8 +36,33 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 os.environ.setdefault("PQJAX_COMPILE_CACHE", "0")
 
+
+def _cpu_key() -> str:
+    """A digest of the CPU's model and feature flags (Linux), else of the platform's name."""
+    import hashlib
+    import platform
+
+    text = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features"))]
+        text += "".join(sorted(set(lines)))
+    except OSError:
+        pass
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _test_cache_dir() -> str:
+    """The jax cache folder for this run, or "" when PQJAX_TEST_JAX_CACHE turns it off."""
+    value = os.environ.get("PQJAX_TEST_JAX_CACHE")
+    if value is not None:
+        return "" if value.strip().lower() in ("", "0", "off", "false", "no") else value
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(xdg, "pqjax", "jax-tests", _cpu_key())
+
+
 _CACHE_ENV = {
-    "JAX_COMPILATION_CACHE_DIR": os.environ.get("PQJAX_TEST_JAX_CACHE", ""),
+    "JAX_COMPILATION_CACHE_DIR": _test_cache_dir(),
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1",
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30),  # 4 GiB, least recently used evicted
