@@ -14,9 +14,8 @@ second run compiles little. It is set through jax's environment variables, so th
 that tests start use it too.
 - A size limit turns on jax's file lock around every read and write, so neither xdist process
   reads an entry the other is still writing. jax then lists the whole folder on every write
-  (its LRU eviction), so programs under 0.1 s are not kept: with every program kept (10k
-  entries by then) a run was 75% done after 27 minutes, where a run without any cache
-  finished in 29.
+  (its LRU eviction: a stat and a read per entry), so programs under 0.1 s are not kept;
+  keeping every program made 10k entries in 70% of a run.
 - <cpu> is a digest of the processor's model and instruction-set flags: an executable compiled
   for one CPU is never loaded on another, where it might not run, or might round differently.
 - A run with the cache once segfaulted inside jax's cache read. That run predates freeing each
