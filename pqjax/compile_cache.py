@@ -18,6 +18,12 @@ ENV = "PQJAX_COMPILE_CACHE"
 OFF = ("0", "off", "false", "no")
 
 
+def user_dir() -> Path:
+    """pqjax's folder in the user's cache: $XDG_CACHE_HOME/pqjax, else ~/.cache/pqjax."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "pqjax"
+
+
 def default_dir() -> Path | None:
     """The cache folder to use, or None when PQJAX_COMPILE_CACHE turns the cache off."""
     value = os.environ.get(ENV, "").strip()
@@ -25,8 +31,7 @@ def default_dir() -> Path | None:
         return None
     if value and value.lower() not in ("1", "on", "true", "yes"):
         return Path(value).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "pqjax" / "jax"
+    return user_dir() / "jax"
 
 
 def enable(folder: Path | None = None) -> Path | None:

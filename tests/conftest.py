@@ -53,11 +53,12 @@ def _cpu_key() -> str:
 
 def _test_cache_dir() -> str:
     """The jax cache folder for this run, or "" when PQJAX_TEST_JAX_CACHE turns it off."""
+    from pqjax import compile_cache  # imports no jax
+
     value = os.environ.get("PQJAX_TEST_JAX_CACHE")
     if value is not None:
-        return "" if value.strip().lower() in ("", "0", "off", "false", "no") else value
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(xdg, "pqjax", "jax-tests", _cpu_key())
+        return "" if value.strip().lower() in ("", *compile_cache.OFF) else value
+    return str(compile_cache.user_dir() / "jax-tests" / _cpu_key())
 
 
 _CACHE_ENV = {
