@@ -158,3 +158,58 @@ def test_search_rotation_hook():
     [e] = permute.layer_errors(x, [w], np.arange(64), fmt, fmt, "hadamard:16")
     assert e == pytest.approx(res.err_identity, rel=1e-6)
     assert res.err_permuted <= res.err_identity or not res.accepted
+
+
+def test_selected_transform_is_the_named_one():
+    """`apply_selected` with a traced row applies the transform of that name: within the
+    rounding bound of test_dtype_and_jit against the exact float64 product x T (T from
+    scipy's Sylvester matrix or the integer regular construction), and bit for bit equal to
+    `apply_input_transform` for Sylvester blocks, whose outputs are the same IEEE operations
+    in the same order (two-term sums per stage, then one scaling; signs are exact)."""
+    d = 96  # 96 = 3 * 32: blocks of 64 leave a 32-channel tail, 128 is wider than d
+    names = (None, "hadamard:16", "hadamard:64", "hadamard:128", "hadamard:32:seed5",
+             "regular_hadamard:4", "regular_hadamard:16", "regular_hadamard:64:seed2")
+    table, max_block = rotate.transform_table(names, d)
+    assert max_block == 128
+    x = np.random.default_rng(7).standard_normal((5, d)).astype(np.float32)
+    f = jax.jit(lambda i, v: rotate.apply_selected({k: jnp.asarray(a)[i] for k, a in
+                                                    table.items()}, v, max_block))
+    u = np.finfo(np.float32).eps / 2
+    for i, name in enumerate(names):
+        got = np.asarray(f(i, x), np.float64)
+        if name is None:
+            np.testing.assert_array_equal(got, x)
+            continue
+        spec = rotate.parse_transform(name)
+        b, m = spec.block, rotate.rotated_dims(d, spec.block)
+        block = (scipy.linalg.hadamard(b) if spec.kind == "hadamard"
+                 else rotate.regular_hadamard_matrix(b)) / np.sqrt(b)
+        t = np.eye(d)
+        t[:m, :m] = np.kron(np.eye(m // b), block)
+        if spec.seed is not None:
+            t = np.diag(np.asarray(rotate._signs(spec.seed, d), np.float64)) @ t
+        x64 = x.astype(np.float64)
+        tol = 8 * u * (np.abs(x64) @ np.abs(t))
+        assert np.all(np.abs(got - x64 @ t) <= tol), name
+        if spec.kind == "hadamard":
+            np.testing.assert_array_equal(got, rotate.apply_input_transform(name, x), name)
+
+
+def test_joint_search_scores_each_pair_as_a_single_rotation_search():
+    """One compiled body scores every (rotation, order) pair; each pair's error equals the
+    search run with that rotation alone (a program of its own). The quantized operands are the
+    same values (Sylvester blocks bit for bit, see above); only reductions may be summed in
+    another order: errors are sums of 64 x 32 squared terms of 64-term products, so the
+    relative difference is bounded by about (2048 + 64) u = 1.3e-4."""
+    x, w, _ = outlier_layer(3, tokens=64, d_in=64, d_out=32)
+    fmt = formats.get("int4", group=16)
+    rots = (None, "hadamard:16", "hadamard:64")
+    joint = permute.search(x, w, weights=fmt, acts=fmt, rotate=rots,
+                           criterion=("joint_second_moment", "weight"))
+    assert {r for r, *_ in joint.table} == set(rots) and len(joint.table) == 3 * 3
+    for r in rots:
+        single = permute.search(x, w, weights=fmt, acts=fmt, rotate=r,
+                                criterion=("joint_second_moment", "weight"))
+        mine = [e for rr, _c, _a, e, _q in joint.table if rr == r]
+        theirs = [e for _r, _c, _a, e, _q in single.table]
+        np.testing.assert_allclose(mine, theirs, rtol=1.3e-4, err_msg=str(r))

@@ -110,23 +110,35 @@ def quant_error(
     perm: jax.Array,
     wfmt: formats.Format | None,
     afmt: formats.Format | None,
-    rotate: str | None = None,
+    rotate: str | tuple[dict[str, jax.Array], int] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Per kernel `(n_kernels,)`: ||y - y_q||^2 and ||y||^2, inputs read in `perm` order and,
-    with `rotate`, quantized after the input transform (weights after its fold)."""
+    with `rotate`, quantized after the input transform (weights after its fold). rotate: a
+    transform name, or (row, max_block) of `rotate.transform_table` (the row may be traced)."""
+    transform = _transform(rotate)
     xp = x[:, perm]
-    xr = xp if rotate is None else rot.apply_input_transform(rotate, xp)
+    xr = xp if transform is None else transform(xp)
     xq = xr if afmt is None else afmt.fake_quant(xr, dtype=jnp.float32)
     nums, dens = [], []
     for w in ws:
         wp = w[perm].astype(jnp.float32)
-        wr = wp if rotate is None else rot.fold_into_kernel(rotate, wp)
+        wr = wp if transform is None else transform(wp.T).T  # T^T W: each output's row times T
         wq = wr if wfmt is None else wfmt.fake_quant(wr.T, dtype=jnp.float32).T
         y = jnp.dot(xp, wp, precision=_HIGHEST)
         yq = jnp.dot(xq, wq, precision=_HIGHEST)
         nums.append(jnp.sum(jnp.square(y - yq)))
         dens.append(jnp.sum(jnp.square(y)))
     return jnp.stack(nums), jnp.stack(dens)
+
+
+def _transform(rotate: str | tuple[dict[str, jax.Array], int] | None) -> Any:
+    """quant_error's rotate= -> a function x (..., d) -> x T, or None."""
+    if rotate is None:
+        return None
+    if isinstance(rotate, str):
+        return functools.partial(rot.apply_input_transform, rotate)
+    row, max_block = rotate
+    return functools.partial(rot.apply_selected, row, max_block=max_block)
 
 
 def site_stats(
@@ -175,7 +187,6 @@ def _search(x, ws, act_mean_sq, act_absmax, key, *, wfmt, afmt, candidates, segm
         order_from_scores(get_criterion(name)(stats, alpha), segments)
         for name, alpha in candidates
     ]
-    num_ref, den = quant_error(x, ws, ident, wfmt, afmt, rotations[0])
     if refine:
         sorted_errs = jax.lax.map(
             lambda p: jnp.sum(quant_error(x, ws, p, wfmt, afmt, rotations[0])[0]),
@@ -185,11 +196,22 @@ def _search(x, ws, act_mean_sq, act_absmax, key, *, wfmt, afmt, candidates, segm
         w_all = jnp.concatenate([k.astype(jnp.float32) for k in ws], axis=1)
         orders.append(refine_order(x, w_all, start, wfmt, afmt, segments, rounds=refine))
     orders = jnp.stack(orders)  # (n_orders, d)
-    # one compiled body per rotation, mapped over the orders (memory and compile time of one)
-    nums = jnp.concatenate([
-        jax.lax.map(lambda p, r=rotation: quant_error(x, ws, p, wfmt, afmt, r)[0], orders)
-        for rotation in rotations
-    ])  # (pairs, kernels), pair = rotation index * n_orders + order index
+    n = orders.shape[0]
+    if len(rotations) == 1:
+        nums, dens = jax.lax.map(
+            lambda p: quant_error(x, ws, p, wfmt, afmt, rotations[0]), orders
+        )
+    else:  # one compiled body for every pair: the rotation is data (a row of its table)
+        table, max_block = rot.transform_table(rotations, d)
+
+        def pair_error(i):
+            row = {k: jnp.asarray(v)[i // n] for k, v in table.items()}
+            return quant_error(x, ws, orders[i % n], wfmt, afmt, (row, max_block))
+
+        nums, dens = jax.lax.map(pair_error, jnp.arange(len(rotations) * n))
+    # (pairs, kernels), pair = rotation index * n_orders + order index; pair 0 is the
+    # reference (rotations[0], identity order), scored by the same program as the others
+    num_ref, den = nums[0], dens[0]
     perms = jnp.tile(orders, (len(rotations), 1))
     errs = jnp.sum(nums, axis=1) / jnp.sum(den)
     ok = jnp.all(nums <= num_ref, axis=1)  # per-layer guarantee: no consumer gets worse
