@@ -25,6 +25,9 @@ that tests start use it too.
 
 pqjax's own command cache (pqjax.compile_cache) sees jax's folder already set and keeps it, so
 CLI subprocesses never write to the user's ~/.cache/pqjax/jax.
+
+Compiled programs are kept across test files until the process holds many memory maps (see
+`_release_compiled_programs`), and XLA compiles CPU code at -O0 (see XLA_FLAGS below).
 """
 
 import os
@@ -34,6 +37,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 os.environ.setdefault("PQJAX_COMPILE_CACHE", "0")
+
+# LLVM at -O0 for XLA's CPU code: compilation is most of the suite's time, and the tests
+# assert no timings. Measured on 2 cores with no compilation cache: tests/baselines/
+# test_svdquant.py 155 s -> 123 s, a PermuQuant-H plan on the tiny FLUX 98 s -> 64 s (its
+# second call, compiled: 0.24 s -> 0.43 s). Results may differ from -O2 in the last bits,
+# which no test relies on (CI CPUs differ the same way). An optimization level already in
+# XLA_FLAGS is kept.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
 
 
 def _cpu_key() -> str:
@@ -96,12 +110,33 @@ import gc  # noqa: E402
 import pytest  # noqa: E402
 
 
+def _memory_maps() -> int | None:
+    """How many memory maps this process holds (Linux), else None."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return None
+
+
+def _map_limit() -> int:
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 65530  # Linux's default
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
-    """Free each test file's compiled programs when it ends. A worker that ran hundreds of
-    tests held so many XLA CPU executables that their memory maps approached the kernel's
-    limit (vm.max_map_count, 65530 here: 15k maps after three test files) and XLA segfaulted
-    while compiling."""
+    """Free the compiled programs when a test file ends with this process's memory maps past
+    a third of the kernel's limit (vm.max_map_count; every file where the count can't be read).
+    A worker that ran hundreds of tests held so many XLA CPU executables that their maps
+    approached the limit (65530 here: 15k maps after three test files) and XLA segfaulted while
+    compiling. Freeing at every file's end instead recompiled the same small programs in every
+    file: 17k compilations of single jax operations, 28% of a cold run's test time."""
     yield
-    jax.clear_caches()
-    gc.collect()
+    maps = _memory_maps()
+    if maps is None or maps > _map_limit() // 3:
+        jax.clear_caches()
+        gc.collect()

@@ -47,8 +47,8 @@ PROBE = textwrap.dedent(
 
 def run(devices: int, out: Path, *modes: str) -> dict[str, np.ndarray]:
     """Calibrate in one subprocess with `devices` host devices, once per mode."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
     subprocess.run([sys.executable, "-c", PROBE, str(out), *modes], cwd=ROOT, env=env,
                    check=True, capture_output=True, text=True)
     with np.load(out) as z:
