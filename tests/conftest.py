@@ -8,7 +8,7 @@ Compilation is most of the suite's time: a PermuQuant-H search on the tiny FLUX 
 69 s and then runs in 0.2 s. So jax's persistent cache keeps every program that took over
 0.1 s to compile, in `~/.cache/pqjax/jax-tests/<cpu>` ($XDG_CACHE_HOME honoured;
 PQJAX_TEST_JAX_CACHE=<folder> moves it, PQJAX_TEST_JAX_CACHE=0 turns it off). Tests that build
-the same program again (each test file frees its programs when it ends; a new jit wrapper, a
+the same program again (after the programs were freed, see below; a new jit wrapper, a
 restored model, a CLI or multi-device subprocess, the other xdist process) load it, and a
 second run compiles little. It is set through jax's environment variables, so the subprocesses
 that tests start use it too.
