@@ -259,8 +259,8 @@ def transform_table(names: tuple[str | None, ...], d: int) -> tuple[dict[str, np
     Returns (table, max_block): table["kind"] (n,) int32 (0 none, 1 Sylvester, 2 regular),
     ["block"] (n,) int32, ["rotated"] (n,) int32 (`rotated_dims`), ["scale"] (n,) float32
     (Sylvester's 1/sqrt(b), else 1), ["signs"] (n, d) float32 (ones without a seed); max_block
-    the static loop bound: the largest power of two dividing d, or the widest block if wider
-    (a block that leaves a tail), so that it depends on d alone for the legal blocks.
+    the widest block (1 when every entry is None): `apply_selected` pads d to whole blocks of
+    it, so that every row's blocks tile the padded width.
     """
     kind, block, rotated, scale, signs = [], [], [], [], []
     for name in names:
