@@ -139,12 +139,12 @@ class QuantLinear(nnx.Module):
         """Quantize `linear` (or `kernel`, a transformed `(d_in, d_out)` replacement)."""
         k = linear.kernel[...] if kernel is None else kernel
         bias = None if linear.bias is None else linear.bias[...]
-        if _concrete(k) and not bool(jnp.isfinite(k).all()):
+        if _concrete(k) and not bool(_all_finite((k,))[0]):
             raise ValueError(
                 f"{weights.name}: a ({k.shape[0]}, {k.shape[1]}) kernel holds NaN "
                 "or Inf; quantization needs finite weights"
             )
-        if bias is not None and _concrete(bias) and not bool(jnp.isfinite(bias).all()):
+        if bias is not None and _concrete(bias) and not bool(_all_finite((bias,))[0]):
             raise ValueError(f"the ({bias.shape[0]},) bias holds NaN or Inf")
         qt = quantize_weight(k, weights)
         if _concrete(k):

@@ -104,8 +104,11 @@ def rotated_dims(d: int, block: int) -> int:
 
 
 # ----------------------------------------------------------------------------- transforms
+# Jitted, so that an eager call (a plan's calibration rows, a test) compiles one program per
+# shape instead of one per butterfly operation; under a trace they are inlined.
 
 
+@jax.jit
 def fwht(x: jax.Array) -> jax.Array:
     """Fast Walsh-Hadamard transform along the last axis: x (..., n) -> x H_n / sqrt(n).
 
@@ -127,6 +130,7 @@ def fwht(x: jax.Array) -> jax.Array:
     return y * np.float32(1.0 / np.sqrt(n))
 
 
+@jax.jit
 def regular_wht(x: jax.Array) -> jax.Array:
     """x (..., n) -> x R_n / sqrt(n) for the regular Hadamard R_n = R_4^(x k), n = 4^k.
 
@@ -154,6 +158,7 @@ def _signs(seed: int, d: int) -> np.ndarray:
     return (1 - 2 * bits).astype(np.float32)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def apply_input_transform(name: str, x: jax.Array) -> jax.Array:
     """x (..., d) -> x T for the transform `name` (see the module docstring), in x's dtype."""
     spec = parse_transform(name)

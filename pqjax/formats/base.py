@@ -146,11 +146,16 @@ def is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+@jax.jit
+def _count_nonfinite(x: Array) -> Array:
+    return jnp.count_nonzero(~jnp.isfinite(x))
+
+
 def check_finite_eager(x: Any, name: str) -> None:
     """Raise ValueError naming the format if concrete x holds NaN/Inf; no-op under tracing."""
     if not is_concrete(x):
         return
-    bad = int(jnp.count_nonzero(~jnp.isfinite(x)))
+    bad = int(_count_nonfinite(x))
     if bad:
         raise ValueError(
             f"{name}: input has {bad} non-finite value(s) (NaN/Inf); quantization needs finite "
@@ -201,21 +206,21 @@ class Format(ABC):
         if kwargs:
             raise TypeError(f"{self.name}: unexpected quantize arguments {sorted(kwargs)}")
 
-    def _encode_checked(self, x: Any, kwargs: dict[str, Any]) -> tuple[Array, Encoded]:
+    def _checked_input(self, x: Any, kwargs: dict[str, Any]) -> Array:
+        """x as float32 after the eager checks (finite values, known keyword arguments)."""
         xf = as_float32(x, self.name)
         check_finite_eager(xf, self.name)
         self.check_kwargs(kwargs)
-        return xf, self.encode(xf, **kwargs)
+        return xf
 
     def quantize(self, x: Any, **kwargs: Any) -> QTensor:
         """float (..., n) -> QTensor with packed codes. Raises ValueError on NaN/Inf (eager)."""
         from pqjax.formats.qtensor import QTensor
 
-        xf, enc = self._encode_checked(x, kwargs)
-        # materialize the unpacked codes once: otherwise XLA fuses the whole encoder into each
-        # of the strided reads of the bit packer and recomputes it several times
+        xf = self._checked_input(x, kwargs)
+        codes, enc = _eager_jit(_quantize_arrays, xf)(self, xf, kwargs)
         return QTensor(
-            codes=self.pack(lax.optimization_barrier(enc.codes)),
+            codes=codes,
             block_scale=enc.block_scale,
             global_scale=enc.global_scale,
             zero_point=enc.zero_point,
@@ -225,10 +230,9 @@ class Format(ABC):
 
     def dequantize(self, qt: QTensor, dtype: Any = jnp.float32) -> Array:
         """QTensor -> array of qt.shape in dtype (computed in float32, then cast)."""
-        n = qt.shape[-1]
-        codes = self.unpack(qt.codes, self.padded_len(n))
-        enc = Encoded(codes, qt.block_scale, qt.global_scale, qt.zero_point)
-        return self.decode(enc)[..., :n].astype(dtype)
+        stored = Encoded(qt.codes, qt.block_scale, qt.global_scale, qt.zero_point)
+        run = _eager_jit(_dequantize_arrays, qt.codes)
+        return run(self, stored, qt.shape[-1], jnp.dtype(dtype))
 
     def fake_quant(self, x: Any, dtype: Any = None, **kwargs: Any) -> Array:
         """Quantize then dequantize without packing; bit-identical to quantize -> dequantize.
@@ -236,9 +240,40 @@ class Format(ABC):
         (..., n) -> (..., n) in dtype (default: x's dtype).
         """
         dtype = jnp.asarray(x).dtype if dtype is None else dtype
-        xf, enc = self._encode_checked(x, kwargs)
-        return self.decode(enc)[..., : xf.shape[-1]].astype(dtype)
+        xf = self._checked_input(x, kwargs)
+        return _eager_jit(_fake_quant_array, xf)(self, xf, kwargs, jnp.dtype(dtype))
 
     def replace(self, **changes: Any) -> Format:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+# Outside a trace, each format operation runs as one compiled program per (format, shape),
+# not as a few dozen single-operation programs (each compiled on its first shape): a tiny
+# FLUX's quantization compiled 1.3k of those. Under a trace the bodies are inlined as before.
+def _quantize_arrays(fmt: Format, xf: Array, kwargs: dict[str, Any]) -> tuple[Array, Encoded]:
+    enc = fmt.encode(xf, **kwargs)
+    # materialize the unpacked codes once: otherwise XLA fuses the whole encoder into each
+    # of the strided reads of the bit packer and recomputes it several times
+    return fmt.pack(lax.optimization_barrier(enc.codes)), enc._replace(codes=None)
+
+
+def _dequantize_arrays(fmt: Format, stored: Encoded, n: int, dtype: Any) -> Array:
+    codes = fmt.unpack(stored.codes, fmt.padded_len(n))
+    return fmt.decode(stored._replace(codes=codes))[..., :n].astype(dtype)
+
+
+def _fake_quant_array(fmt: Format, xf: Array, kwargs: dict[str, Any], dtype: Any) -> Array:
+    return fmt.decode(fmt.encode(xf, **kwargs))[..., : xf.shape[-1]].astype(dtype)
+
+
+_JITTED = {
+    _quantize_arrays: jax.jit(_quantize_arrays, static_argnums=0),
+    _dequantize_arrays: jax.jit(_dequantize_arrays, static_argnums=(0, 2, 3)),
+    _fake_quant_array: jax.jit(_fake_quant_array, static_argnums=(0, 3)),
+}
+
+
+def _eager_jit(body: Any, x: Any) -> Any:
+    """`body` itself under a trace (x a Tracer), else its jitted form."""
+    return _JITTED[body] if is_concrete(x) else body

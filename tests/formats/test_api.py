@@ -190,3 +190,34 @@ def test_qtensor_pytree_and_dtypes():
     assert_same_bits(y, want, "bf16")
     with pytest.raises(TypeError, match="floating-point"):
         fmt.quantize(np.ones((2, 16), np.int32))
+
+
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4", "int4", "int3_asym", "fp8", "quartz"])
+def test_an_eager_call_is_one_compiled_program_with_the_traced_bits(name):
+    """Outside jit, quantize, dequantize and fake_quant each compile one program per (format,
+    shape), plus the eager NaN/Inf count, not one per element operation (dozens); their bits
+    are those of the same calls traced under jit."""
+    fmt = formats.get(name)
+    # a shape no other test uses, already a jax array (jax compiles the copy of a numpy array)
+    x = jnp.asarray(heavy_tailed((5, 224), seed=23))
+    compiles: list[str] = []
+
+    def count(event: str, _secs: float, **_kw) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        qt = fmt.quantize(x)
+        after_quantize = len(compiles)
+        dq = qt.dequantize()
+        fq = fmt.fake_quant(x)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert after_quantize <= 2, f"{name}: eager quantize compiled {after_quantize} programs"
+    assert len(compiles) <= 4, f"{name}: eager calls compiled {len(compiles)} programs"
+    want_qt, want_dq, want_fq = jitted(fmt)(x)
+    for got, want, what in ((qt.codes, want_qt.codes, "codes"),
+                            (qt.block_scale, want_qt.block_scale, "block scales"),
+                            (dq, want_dq, "dequantized"), (fq, want_fq, "fake_quant")):
+        assert_same_bits(got, want, f"{name} {what}")
