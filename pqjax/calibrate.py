@@ -154,19 +154,22 @@ def calibrate(
     key = jax.random.key(seed)  # one stream for all: readers of one tensor keep the same rows
     for _, lin in targets:
         lin.observer = ChannelObserver(lin.in_features, n_rows, key, track_batches)
-    fwd = forward or (lambda m, **kw: m(**kw))
-    if mesh is not None:
-        _shard_model(model, mesh, shard_weights)
-        batches = (_shard_batch(b, mesh) for b in batches)
-
     clock = Stat(jnp.zeros((), jnp.int32))
     for _, lin in targets:
         lin.observer.clock = clock
+    fwd = forward or (lambda m, **kw: m(**kw))
+    placed = None
+    if mesh is not None:  # after the observers and their clock: all state on the mesh
+        _shard_model(model, mesh, shard_weights)
+        placed = jax.tree.map(lambda x: x.sharding, nnx.state(model))
+        batches = (_shard_batch(b, mesh) for b in batches)
 
     @nnx.jit
     def step(m: nnx.Module, batch: dict[str, Any]) -> tuple[Any, jax.Array, jax.Array]:
         inputs_ok = {k: _all_finite(v) for k, v in batch.items()}
         fwd(m, **batch)
+        if placed is not None:  # the state keeps its placement: the next batch reuses this program
+            nnx.update(m, jax.tree.map(jax.lax.with_sharding_constraint, nnx.state(m), placed))
         observers = [lin.observer for _, lin in linears(m) if lin.observer is not None]
         return (inputs_ok, jnp.stack([o.status[...] for o in observers]),
                 jnp.stack([o.bad_tick[...] for o in observers]))
@@ -274,11 +277,15 @@ def _shard_model(model: nnx.Module, mesh: jax.sharding.Mesh, shard_weights: bool
     n = mesh.shape[axis]
 
     def spec(x: jax.Array) -> NamedSharding:
+        # written as jit writes its outputs' shardings (no trailing None, an empty array
+        # replicated), so that the step's outputs come back with the shardings it was given
         dims = [None] * x.ndim
-        if shard_weights and x.ndim >= 2:
+        if shard_weights and x.ndim >= 2 and x.size:
             big = max(range(x.ndim), key=lambda i: x.shape[i] if x.shape[i] % n == 0 else -1)
             if x.shape[big] % n == 0:
                 dims[big] = axis
+        while dims and dims[-1] is None:
+            dims.pop()
         return NamedSharding(mesh, PartitionSpec(*dims))
 
     state = nnx.state(model)

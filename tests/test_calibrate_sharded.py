@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = textwrap.dedent(
     """
-    import sys
+    import logging, sys
     import jax, numpy as np
     from jax.sharding import Mesh
     from flax import nnx
@@ -31,7 +31,19 @@ PROBE = textwrap.dedent(
     batches = [{k: to_jax(v) for k, v in make_inputs(cfg, 8, 4, 4, 6, seed=s).items()}
                for s in range(3)]
     out = {"n_devices": len(jax.devices())}
+    compiles = []  # the calibration step's XLA compilations, from jax's compile log
+
+
+    class StepCompiles(logging.Handler):
+        def emit(self, record):
+            if "compilation of jit(step)" in record.getMessage():
+                compiles.append(record)
+
+
+    jax.config.update("jax_log_compiles", True)
+    logging.getLogger("jax").addHandler(StepCompiles())
     for mode in sys.argv[2:]:
+        compiles.clear()
         mesh = None if mode == "single" else Mesh(np.array(jax.devices()), ("data",))
         calib = calibrate(model, batches, n_rows=40, progress=False, mesh=mesh,
                           shard_weights=(mode == "fsdp"))
@@ -40,6 +52,7 @@ PROBE = textwrap.dedent(
             out[f"{mode}:{path}/absmax"] = np.asarray(st.absmax)
             out[f"{mode}:{path}/rows"] = np.asarray(st.rows)
             out[f"{mode}:{path}/count"] = np.asarray(st.count)
+        out[f"{mode}:step_compilations"] = np.asarray(len(compiles))
     np.savez(sys.argv[1], **out)
     """
 )
@@ -73,7 +86,11 @@ def calibrations(tmp_path_factory) -> dict[str, dict[str, np.ndarray]]:
 
 @pytest.mark.parametrize("mode", ["data", "fsdp"])
 def test_eight_devices_equal_one(calibrations, mode):
-    one, many = calibrations["single"], calibrations[mode]
+    one, many = dict(calibrations["single"]), dict(calibrations[mode])
+    # three batches of one shape: one compilation of the step, because the state it returns
+    # keeps the placement it was given (a changed sharding would compile the step again)
+    assert int(one.pop("step_compilations")) == 1
+    assert int(many.pop("step_compilations")) == 1, f"{mode}: the step compiled again"
     assert one and one.keys() == many.keys()
     for key in one:
         if key.endswith("/count"):
