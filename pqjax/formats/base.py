@@ -249,8 +249,9 @@ class Format(ABC):
 
 
 # Outside a trace, each format operation runs as one compiled program per (format, shape),
-# not as a few dozen single-operation programs (each compiled on its first shape): a tiny
-# FLUX's quantization compiled 1.3k of those. Under a trace the bodies are inlined as before.
+# not as a few dozen single-operation programs, each compiled on its first shape (five
+# end-to-end quantizations of the tiny FLUX compiled 1271 small programs, 506 after this).
+# Under a trace the bodies are inlined as before.
 def _quantize_arrays(fmt: Format, xf: Array, kwargs: dict[str, Any]) -> tuple[Array, Encoded]:
     enc = fmt.encode(xf, **kwargs)
     # materialize the unpacked codes once: otherwise XLA fuses the whole encoder into each
