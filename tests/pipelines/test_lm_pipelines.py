@@ -166,7 +166,9 @@ def test_zimage_quantize_on_its_trajectories(tmp_path):
 
     tiny_zimage(tmp_path)
     pipe = pqjax.load_pipeline(tmp_path / "zimage")
-    kw = dict(num_steps=2, height=16, width=16)
+    # the size, steps and prompts of test_zimage_through_the_cli: the calibration programs
+    # compiled here serve both (non-square, as the tiny model allows)
+    kw = dict(num_steps=2, height=16, width=24)
     calib = calibrate_pipeline(pipe, PROMPTS[:2], progress=False, **kw)
     qpipe = quantize_pipeline(pipe, calib, pqjax.QuantConfig())
     images = _check_quantized(qpipe, pipe, PROMPTS[2:], **kw)
