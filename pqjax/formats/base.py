@@ -13,6 +13,7 @@ Divisions are correctly rounded IEEE divisions (:func:`exact_div`), as the forma
 from __future__ import annotations
 
 import dataclasses
+import functools
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -218,7 +219,7 @@ class Format(ABC):
         from pqjax.formats.qtensor import QTensor
 
         xf = self._checked_input(x, kwargs)
-        codes, enc = _eager_jit(_quantize_arrays, xf)(self, xf, kwargs)
+        codes, enc = _quantize_arrays(self, xf, kwargs)
         return QTensor(
             codes=codes,
             block_scale=enc.block_scale,
@@ -231,8 +232,7 @@ class Format(ABC):
     def dequantize(self, qt: QTensor, dtype: Any = jnp.float32) -> Array:
         """QTensor -> array of qt.shape in dtype (computed in float32, then cast)."""
         stored = Encoded(qt.codes, qt.block_scale, qt.global_scale, qt.zero_point)
-        run = _eager_jit(_dequantize_arrays, qt.codes)
-        return run(self, stored, qt.shape[-1], jnp.dtype(dtype))
+        return _dequantize_arrays(self, stored, qt.shape[-1], jnp.dtype(dtype))
 
     def fake_quant(self, x: Any, dtype: Any = None, **kwargs: Any) -> Array:
         """Quantize then dequantize without packing; bit-identical to quantize -> dequantize.
@@ -241,7 +241,7 @@ class Format(ABC):
         """
         dtype = jnp.asarray(x).dtype if dtype is None else dtype
         xf = self._checked_input(x, kwargs)
-        return _eager_jit(_fake_quant_array, xf)(self, xf, kwargs, jnp.dtype(dtype))
+        return _fake_quant_array(self, xf, kwargs, jnp.dtype(dtype))
 
     def replace(self, **changes: Any) -> Format:
         """A copy with some fields changed (validated again)."""
@@ -252,6 +252,23 @@ class Format(ABC):
 # not as a few dozen single-operation programs, each compiled on its first shape (five
 # end-to-end quantizations of the tiny FLUX compiled 1271 small programs, 506 after this).
 # Under a trace the bodies are inlined as before.
+def _jitted_when_eager(*static_argnums: int) -> Any:
+    """Run the decorated body jitted (those arguments static) unless an argument is traced."""
+
+    def wrap(body: Any) -> Any:
+        jitted = jax.jit(body, static_argnums=static_argnums)
+
+        @functools.wraps(body)
+        def run(*args: Any) -> Any:
+            traced = any(not is_concrete(leaf) for leaf in jax.tree.leaves(args))
+            return (body if traced else jitted)(*args)
+
+        return run
+
+    return wrap
+
+
+@_jitted_when_eager(0)
 def _quantize_arrays(fmt: Format, xf: Array, kwargs: dict[str, Any]) -> tuple[Array, Encoded]:
     enc = fmt.encode(xf, **kwargs)
     # materialize the unpacked codes once: otherwise XLA fuses the whole encoder into each
@@ -259,22 +276,12 @@ def _quantize_arrays(fmt: Format, xf: Array, kwargs: dict[str, Any]) -> tuple[Ar
     return fmt.pack(lax.optimization_barrier(enc.codes)), enc._replace(codes=None)
 
 
+@_jitted_when_eager(0, 2, 3)
 def _dequantize_arrays(fmt: Format, stored: Encoded, n: int, dtype: Any) -> Array:
     codes = fmt.unpack(stored.codes, fmt.padded_len(n))
     return fmt.decode(stored._replace(codes=codes))[..., :n].astype(dtype)
 
 
+@_jitted_when_eager(0, 3)
 def _fake_quant_array(fmt: Format, xf: Array, kwargs: dict[str, Any], dtype: Any) -> Array:
     return fmt.decode(fmt.encode(xf, **kwargs))[..., : xf.shape[-1]].astype(dtype)
-
-
-_JITTED = {
-    _quantize_arrays: jax.jit(_quantize_arrays, static_argnums=0),
-    _dequantize_arrays: jax.jit(_dequantize_arrays, static_argnums=(0, 2, 3)),
-    _fake_quant_array: jax.jit(_fake_quant_array, static_argnums=(0, 3)),
-}
-
-
-def _eager_jit(body: Any, x: Any) -> Any:
-    """`body` itself under a trace (x a Tracer), else its jitted form."""
-    return _JITTED[body] if is_concrete(x) else body
