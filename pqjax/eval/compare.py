@@ -21,7 +21,7 @@ import numpy as np
 from pqjax.api import quantize_pipeline
 from pqjax.calibrate import Calibration
 from pqjax.eval.html import ComparisonView, comparison_page, write_page
-from pqjax.eval.metrics import DigitMetrics, psnr
+from pqjax.eval.metrics import DigitMetrics, mean_ci, psnr_per_image, ssim_per_image
 from pqjax.eval.plots import image_grid
 from pqjax.pipelines.pipeline import Pipeline
 from pqjax.quantize import QuantConfig
@@ -52,7 +52,15 @@ def generate(pipe: Pipeline, spec: EvalSpec) -> np.ndarray:
 def evaluate(
     images: np.ndarray, reference: np.ndarray, spec: EvalSpec, digit_metrics: DigitMetrics | None
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {"psnr_vs_fp": psnr(images, reference)}
+    """PSNR and SSIM against full precision, each a mean over images with its 95% interval
+    (`*_ci95`: the half-width; `psnr_per_image` for paired comparisons between runs on the
+    same seeds), and the digit metrics where the prompts are labelled."""
+    per_image = psnr_per_image(images, reference)
+    p, p_ci = mean_ci(per_image)
+    out: dict[str, Any] = {"psnr_vs_fp": p, "psnr_ci95": p_ci,
+                           "psnr_per_image": [float(v) for v in per_image]}
+    if min(np.shape(images)[1:3]) >= 11:
+        out["ssim_vs_fp"], out["ssim_ci95"] = mean_ci(ssim_per_image(images, reference))
     if digit_metrics is not None and spec.labels is not None:
         out.update(digit_metrics(images, spec.labels))
     return out
@@ -149,7 +157,7 @@ def col_captions(spec: EvalSpec) -> list[str]:
 
 
 def summary_table(results: dict[str, Any]) -> str:
-    """Markdown table of the runs (PSNR vs full precision, accuracy, Fréchet, size, time),
+    """Markdown table of the runs (PSNR and SSIM vs full precision, accuracy, Fréchet, size, time),
     under a caption with the number of images it was measured on."""
     fp = results.get("full_precision", {})
     caption = ""
@@ -157,13 +165,18 @@ def summary_table(results: dict[str, Any]) -> str:
         caption = (f"Comparison on {fp['n_images']} images per run (seed {fp['seed']}); its "
                    "Fréchet figure depends on that count (the README's demo table uses 50).\n\n")
     has_digits = "accuracy" in results.get("full_precision", {})
-    head = "| run | PSNR vs FP (dB) |" + (" accuracy | Fréchet |" if has_digits else "")
+    has_ssim = "ssim_vs_fp" in results.get("full_precision", {})
+    head = "| run | PSNR vs FP (dB, ±95% CI) |" + (" SSIM vs FP |" if has_ssim else "")
+    head += " accuracy | Fréchet |" if has_digits else ""
     head += " mean layer error (RTN) | size vs bf16 | quantize s |"
     cols = head.count("|") - 1
     lines = [head, "|" + "---|" * cols]
     for name, r in results.items():
-        ps = "∞" if name == "full_precision" else f"{r['psnr_vs_fp']:.2f}"
+        fp_row = name == "full_precision"
+        ps = "∞" if fp_row else f"{r['psnr_vs_fp']:.2f} ± {r.get('psnr_ci95', 0.0):.2f}"
         row = f"| {name} | {ps} |"
+        if has_ssim:
+            row += " 1 |" if fp_row else f" {r['ssim_vs_fp']:.3f} ± {r['ssim_ci95']:.3f} |"
         if has_digits:
             row += f" {r['accuracy']:.3f} | {r['frechet']:.2f} |"
         if name == "full_precision":

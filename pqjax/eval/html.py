@@ -57,7 +57,10 @@ dl.legend{display:grid;grid-template-columns:max-content 1fr;gap:3px 14px;font-s
 SUMMARY_LEGEND = {
     "run": "quantization format and method (full_precision: the unquantized model)",
     "PSNR vs FP": "mean over images of 10·log10(1/MSE) against the full-precision image from the "
-    "same noise, in dB; higher is closer",
+    "same noise, in dB, ± the half-width of its Student-t 95% interval over images; higher is "
+    "closer",
+    "SSIM vs FP": "mean over images of the structural similarity (Wang et al. 2004: 11×11 "
+    "Gaussian window, σ 1.5) against the full-precision image, ± its 95% interval; 1 is equal",
     "accuracy": "share of images a classifier fitted on real digits labels as the prompt's digit",
     "Fréchet": "Fréchet distance of classifier features, generated against real digits; lower is "
     "better. It depends on the number of images: compare it only at the same count",
@@ -268,14 +271,18 @@ def _images_section(view: ComparisonView) -> str:
 def summary_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str]]:
     """(head, rows, row classes) of the runs table; the best PSNR row is marked."""
     has_digits = "accuracy" in results.get("full_precision", {})
-    head = ["run", "PSNR vs FP (dB)"] + (["accuracy", "Fréchet"] if has_digits else [])
+    has_ssim = "ssim_vs_fp" in results.get("full_precision", {})
+    head = ["run", "PSNR vs FP (dB)"] + (["SSIM vs FP"] if has_ssim else [])
+    head += ["accuracy", "Fréchet"] if has_digits else []
     head += ["mean layer error (RTN)", "sites", "size vs bf16", "quantize s"]
     runs = {k: v for k, v in results.items() if k != "full_precision"}
     best = max((r["psnr_vs_fp"] for r in runs.values()), default=None)
     rows, classes = [], []
     for name, r in results.items():
         fp = name == "full_precision"
-        row = [_e(name), "∞" if fp else _num(r["psnr_vs_fp"], ".2f")]
+        row = [_e(name), "∞" if fp else _pm(r, "psnr", ".2f")]
+        if has_ssim:
+            row += ["1" if fp else _pm(r, "ssim", ".3f")]
         if has_digits:
             row += [_num(r["accuracy"], ".3f"), _num(r["frechet"], ".2f")]
         if fp:
@@ -287,6 +294,11 @@ def summary_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]], l
         rows.append(row)
         classes.append("best" if not fp and r["psnr_vs_fp"] == best else "")
     return head, rows, classes
+
+
+def _pm(r: dict[str, Any], metric: str, fmt: str) -> str:
+    """'mean ± half-width' of `<metric>_vs_fp` and `<metric>_ci95` (– where one is missing)."""
+    return f"{_num(r[metric + '_vs_fp'], fmt)} ± {_num(r.get(metric + '_ci95', math.nan), fmt)}"
 
 
 def _stamp() -> str:
@@ -302,8 +314,9 @@ def comparison_page(view: ComparisonView) -> str:
                + f"). The Fréchet figure is over these {n} images; it is not comparable with "
                "one over another number of images (the README's demo table uses 50).</p>")
     legend = {k: v for k, v in SUMMARY_LEGEND.items()
-              if k not in ("accuracy", "Fréchet") or "accuracy" in view.results.get(
-                  "full_precision", {})}
+              if (k not in ("accuracy", "Fréchet") or "accuracy" in view.results.get(
+                  "full_precision", {}))
+              and (k != "SSIM vs FP" or "ssim_vs_fp" in view.results.get("full_precision", {}))}
     plots_html, worst, channels = _layer_sections(view.reports)
     sections = [
         ("config", "Configuration", _config_table(view.reports)),

@@ -94,6 +94,11 @@ def test_comparison_reuses_the_quantized_run_and_states_its_image_count(run):
     assert (run["out"] / "summary.md").read_text().strip() == table
     page = (run["out"] / "index.html").read_text()
     assert "3 images per run (seed 5, 2 steps)" in page
+    # PSNR and SSIM with their intervals over the 3 images, in the results, table and page
+    assert 0 < res["ssim_vs_fp"] < 1 and res["ssim_ci95"] > 0 and res["psnr_ci95"] > 0
+    assert len(res["psnr_per_image"]) == 3
+    assert f"{res['ssim_vs_fp']:.3f} ± {res['ssim_ci95']:.3f}" in table
+    assert f"{res['psnr_vs_fp']:.2f} ± {res['psnr_ci95']:.2f}" in page and "SSIM vs FP" in page
     with pytest.raises(ValueError, match="not one of the configs"):
         compare(run["fp"], run["calib"], [RTN], EvalSpec(("a handwritten digit 1",)),
                 run["out"] / "x", quantized={run_name(PQ): run["pq"]})
