@@ -160,7 +160,8 @@ def stream_quantize(
     manifest_path = work / "manifest.json"
     ident = {
         "source": str(st.folder),
-        "config": dataclasses.asdict(config),
+        # progress only shows bars: a run resumed with other settings is the same work
+        "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"},
         "dtype": jnp.dtype(dtype).name,
         "n_rows": n_rows,
         "n_batches": len(batches),

@@ -90,3 +90,27 @@ def test_resume_refuses_a_different_config(sharded, streamed):
         stream_quantize(folder, batches, pqjax.QuantConfig(method="rtn", progress=False),
                         work, **KW)
     assert (work / "manifest.json").read_text() == before
+
+
+def test_embedded_model_resumed_after_one_block_equals_uninterrupted(tmp_path):
+    """The shipped trained model (2 double + 2 single blocks), on its own sampling
+    trajectories: a PermuQuant run stopped after its first block and resumed, with progress
+    bars on this time (a runtime switch, not part of the work), is bit for bit the run that was
+    never stopped."""
+    from pqjax.pipelines.load import EMBEDDED, load_pipeline
+
+    pipe = load_pipeline(EMBEDDED)
+    batches = pipe.calibration_batches(["a handwritten digit 3", "a handwritten digit 8"],
+                                       num_steps=2)
+    quiet, loud = pqjax.QuantConfig(progress=False), pqjax.QuantConfig(progress=True)
+    whole, report = stream_quantize(EMBEDDED, batches, quiet, tmp_path / "a", **KW)
+    with pytest.raises(StreamInterrupted, match="after 1 blocks"):
+        stream_quantize(EMBEDDED, batches, quiet, tmp_path / "b", stop_after=1, **KW)
+    resumed, _ = stream_quantize(EMBEDDED, batches, loud, tmp_path / "b", **KW)
+    a = dict(nnx.to_flat_state(nnx.state(whole)))
+    b = dict(nnx.to_flat_state(nnx.state(resumed)))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(bits(a[key]), bits(b[key]), err_msg=str(key))
+    assert report.summary["n_layers"] == len(report.layers) > 0
+    assert all(r["err"] <= r["err_rtn"] for r in report.layers)
