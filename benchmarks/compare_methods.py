@@ -4,12 +4,16 @@
     .venv/bin/python benchmarks/compare_methods.py --methods rtn,permuquant --per-digit 2
 
 On the embedded trained tiny FLUX: one calibration (the model's own trajectories for its
-calibration prompts) shared by every method; W4A4 NVFP4, W4A4 INT4 g64 and W3A3 INT3 g64;
-the same evaluation prompts and seeds for every run. Columns follow the paper's where they
-apply: PSNR against full precision, classifier accuracy, Frechet distance of classifier
-features against real digits, mean layer error, quantization time. QuaRTZ is a 4-bit format,
-so it runs in the 4-bit settings only. Writes benchmarks/results/compare_methods.{json,md}
-and the image grids under benchmarks/results/compare_methods/.
+calibration prompts) shared by every method; W4A4 NVFP4, W4A4 INT4 g64, W3A3 INT3 g64, and
+W2A3 (INT2 weights, INT3 activations, g64), the harder setting where the classifier's accuracy
+drops below 1 and the methods separate; the same evaluation prompts and seeds for every run.
+Columns follow the paper's where they apply: PSNR and SSIM against full precision (means over
+images with Student-t 95% intervals), classifier accuracy, Frechet distance of classifier
+features against real digits, mean layer error, quantization time. Under each table,
+PermuQuant-H against PermuQuant and Hadamard: the mean per-image PSNR difference on the same
+seeds, with its paired 95% interval. QuaRTZ is a 4-bit format, so it runs in the W4A4
+settings only. Writes benchmarks/results/compare_methods.{json,md} and the image grids under
+benchmarks/results/compare_methods/.
 """
 
 from __future__ import annotations
@@ -21,28 +25,31 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
+
 from benchmarks.common import RESULTS, write_results
 from pqjax.api import calibrate_pipeline
 from pqjax.baselines.quartz import quartz_config
 from pqjax.eval.compare import EvalSpec, compare
-from pqjax.eval.metrics import DigitMetrics
+from pqjax.eval.metrics import DigitMetrics, mean_ci
 from pqjax.methods import method_names
 from pqjax.pipelines.load import load_pipeline
 from pqjax.quantize import QuantConfig
 
-SETTINGS = (("W4A4 NVFP4", "nvfp4", None), ("W4A4 INT4 g64", "int4", 64),
-            ("W3A3 INT3 g64", "int3", 64))
+# (title, weights, acts, group)
+SETTINGS = (("W4A4 NVFP4", "nvfp4", "nvfp4", None), ("W4A4 INT4 g64", "int4", "int4", 64),
+            ("W3A3 INT3 g64", "int3", "int3", 64), ("W2A3 INT2/INT3 g64", "int2", "int3", 64))
 ORDER = ("rtn", "smoothquant", "ptq4dit", "omniquant_lwc", "gptq", "svdquant", "hadamard",
          "convrot", "quartz", "permuquant", "permuquant_gptq", "permuquant_h", "permuquant_hr")
 
 
 def configs_for(setting: tuple, methods: list[str]) -> list[QuantConfig]:
-    _, fmt, group = setting
+    title, weights, acts, group = setting
     out = []
     for m in methods:
-        config = QuantConfig(weights=fmt, acts=fmt, group=group, method=m, progress=False)
+        config = QuantConfig(weights=weights, acts=acts, group=group, method=m, progress=False)
         if m == "quartz":
-            if fmt == "int3":
+            if not title.startswith("W4A4"):
                 continue  # QuaRTZ is a 4-bit scheme
             config = quartz_config(config)  # its own 4-bit format in both 4-bit settings
         out.append(config)
@@ -64,8 +71,9 @@ def main() -> None:
     spec = EvalSpec.digits(per_digit=args.per_digit)
     tables, everything = [], {}
     for setting in SETTINGS:
+        folder = setting[0].split()[0].lower() if setting[1] != setting[2] else setting[1]
         runs = compare(fp, calib, configs_for(setting, methods), spec,
-                       RESULTS / "compare_methods" / setting[1], digit_metrics=metrics)
+                       RESULTS / "compare_methods" / folder, digit_metrics=metrics)
         everything[setting[0]] = runs
         tables.append(table(setting[0], runs))
     date = datetime.date.today().isoformat()
@@ -80,17 +88,36 @@ def main() -> None:
 def table(title: str, runs: dict) -> str:
     fp = runs["full_precision"]
     lines = [f"**{title}**", "",
-             "| method | PSNR vs FP (dB) ↑ | accuracy ↑ | Fréchet ↓ | mean layer error ↓ | "
-             "quantize s |", "|---|---|---|---|---|---|",
-             f"| full precision | ∞ | {fp['accuracy']:.3f} | {fp['frechet']:.2f} | – | – |"]
+             "| method | PSNR vs FP (dB) ↑ | SSIM vs FP ↑ | accuracy ↑ | Fréchet ↓ | "
+             "mean layer error ↓ | quantize s |", "|---|---|---|---|---|---|---|",
+             f"| full precision | ∞ | 1 | {fp['accuracy']:.3f} | {fp['frechet']:.2f} | – | – |"]
     rows = [(name, r) for name, r in runs.items() if name != "full_precision"]
     best_psnr = max(r["psnr_vs_fp"] for _, r in rows)
     for _, r in rows:
         mark = "**" if r["psnr_vs_fp"] == best_psnr else ""
-        lines.append(f"| {r['method']} | {mark}{r['psnr_vs_fp']:.2f}{mark} | {r['accuracy']:.3f} |"
+        lines.append(f"| {r['method']} | {mark}{r['psnr_vs_fp']:.2f} ± {r['psnr_ci95']:.2f}{mark}"
+                     f" | {r['ssim_vs_fp']:.4f} ± {r['ssim_ci95']:.4f} | {r['accuracy']:.3f} |"
                      f" {r['frechet']:.2f} | {r['mean_layer_error']:.4f} | "
                      f"{r['quantize_seconds']:.1f} |")
+    by_method = {r["method"]: r for _, r in rows}
+    if "permuquant_h" in by_method:
+        lines += ["", *(paired_line(by_method["permuquant_h"], by_method[other])
+                        for other in ("permuquant", "hadamard") if other in by_method)]
     return "\n".join(lines)
+
+
+def paired_line(a: dict, b: dict) -> str:
+    """`a` against `b` on the same seeds: the mean per-image PSNR difference, its paired 95%
+    interval, and the verdict (worse only where the whole interval is below zero)."""
+    diff, ci = mean_ci(np.subtract(a["psnr_per_image"], b["psnr_per_image"]))
+    if diff - ci > 0:
+        verdict = "better"
+    elif diff + ci < 0:
+        verdict = "**worse**"
+    else:
+        verdict = "not distinguishable"
+    return (f"- {a['method']} − {b['method']}: {diff:+.2f} ± {ci:.2f} dB per image "
+            f"(paired, {len(a['psnr_per_image'])} images): {verdict}")
 
 
 if __name__ == "__main__":
