@@ -330,15 +330,18 @@ def _quant_config(raw: dict[str, Any]) -> QuantConfig:
     return QuantConfig(**fields)
 
 
-# Pipeline components a checkpoint can hold: name -> "module:class" with save/load(folder).
-COMPONENTS = {
-    "PromptTable": "pqjax.models.text_table:PromptTable",
-    "FluxTextEncoders": "pqjax.pipelines.flux:FluxTextEncoders",
-    "IdentityDecoder": "pqjax.pipelines.pipeline:IdentityDecoder",
-    "VAEDecoder": "pqjax.pipelines.flux:VAEDecoder",
-    "SanaTextToImage": "pqjax.pipelines.sana_pipeline:SanaTextToImage",
-    "ZImageTextToImage": "pqjax.pipelines.zimage_pipeline:ZImageTextToImage",
-}
+def components() -> dict[str, str]:
+    """Pipeline parts a checkpoint can hold: class name -> "module:class", the union of the
+    family records' `saved_parts` (`pqjax.models.family`)."""
+    from pqjax.models.family import families
+
+    table: dict[str, str] = {}
+    for record in families():
+        for name, where in record.saved_parts:
+            if table.get(name, where) != where:
+                raise TypeError(f"pipeline part {name} is named twice: {table[name]}, {where}")
+            table[name] = where
+    return table
 
 
 def _pipeline_meta(pipe: Any) -> dict[str, Any]:
@@ -354,9 +357,9 @@ def _pipeline_meta(pipe: Any) -> dict[str, Any]:
 
 def _component_name(obj: Any) -> str:
     name = type(obj).__name__
-    if name not in COMPONENTS:
+    if name not in components():
         raise TypeError(
-            f"cannot save a pipeline component of type {name}; known: {sorted(COMPONENTS)}"
+            f"cannot save a pipeline component of type {name}; known: {sorted(components())}"
         )
     return name
 
@@ -364,7 +367,7 @@ def _component_name(obj: Any) -> str:
 def _component(name: str) -> Any:
     import importlib
 
-    if name not in COMPONENTS:
+    if name not in components():
         raise CheckpointError(f"pipeline component {name!r} cannot be restored by this pqjax")
-    module, cls = COMPONENTS[name].split(":")
+    module, cls = components()[name].split(":")
     return getattr(importlib.import_module(module), cls)

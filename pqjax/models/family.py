@@ -67,6 +67,9 @@ class Family:
     memory: `fn(config, preset) -> FamilyMemory` (the preset sets only the default caption
     length; "" for a config of no preset); presets: {name: {component: config}}, the
     released checkpoints' configs (`estimate_memory`), built on first use.
+    saved_parts: ((class name, "module:class"), ...): the pipeline parts besides the
+    transformer that a pqjax checkpoint of this family holds, each with `save(folder)` and
+    `load(folder)` (or a whole-pipeline `save_parts` / `load_parts`); named, not imported.
     """
 
     name: str
@@ -80,6 +83,7 @@ class Family:
     block_lists: tuple[str, ...]
     memory: Callable[[Any, str], FamilyMemory]
     presets: Callable[[], dict[str, dict[str, Any]]]
+    saved_parts: tuple[tuple[str, str], ...] = ()
 
     def image_tokens(self, config: Any, height: int, width: int) -> int:
         """Image tokens the transformer sees for a `height` x `width` image."""

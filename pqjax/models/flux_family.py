@@ -130,4 +130,8 @@ FAMILY = Family(
     block_lists=("transformer_blocks", "single_transformer_blocks"),
     memory=flux_memory,
     presets=flux_presets,
+    saved_parts=(("PromptTable", "pqjax.models.text_table:PromptTable"),
+                 ("IdentityDecoder", "pqjax.pipelines.pipeline:IdentityDecoder"),
+                 ("FluxTextEncoders", "pqjax.pipelines.flux:FluxTextEncoders"),
+                 ("VAEDecoder", "pqjax.pipelines.flux:VAEDecoder")),
 )

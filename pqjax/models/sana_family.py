@@ -156,4 +156,5 @@ FAMILY = Family(
     block_lists=("transformer_blocks",),
     memory=sana_memory,
     presets=sana_presets,
+    saved_parts=(("SanaTextToImage", "pqjax.pipelines.sana_pipeline:SanaTextToImage"),),
 )

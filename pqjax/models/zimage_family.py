@@ -107,4 +107,5 @@ FAMILY = Family(
     block_lists=BLOCK_LISTS,
     memory=zimage_memory,
     presets=zimage_presets,
+    saved_parts=(("ZImageTextToImage", "pqjax.pipelines.zimage_pipeline:ZImageTextToImage"),),
 )

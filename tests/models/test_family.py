@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import sys
 
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import pytest
 from flax import nnx
 
 import convert
-from pqjax import permute
+from pqjax import checkpoint, permute
 from pqjax.calibrate import linears
 from pqjax.models import family as fam_mod
 from pqjax.models.family import families, family, family_of, family_of_pipeline, family_of_preset
@@ -125,7 +126,7 @@ FAMILY = Family(
     pipelines=(), components=(("transformer", "ToyDiT"),), sites=toy_sites, keep_16bit=(),
     block_lists=("blocks",),
     memory=lambda c, preset: FamilyMemory(4, 1, 8, 8, 4, True, True, "toy"),
-    presets=dict,
+    presets=dict, saved_parts=(("ToyDecoder", "toy_family:ToyDecoder"),),
 )
 '''
 
@@ -144,9 +145,23 @@ def test_adding_a_model_is_one_record(tmp_path, monkeypatch):
         assert family_of(model) is record
         assert [s.name for s in permute.sites(model)] == ["blocks.0.hidden"]
         assert [p for p, _ in record.blocks(model)] == ["blocks.0"]
+        assert checkpoint.components()["ToyDecoder"] == "toy_family:ToyDecoder"
     finally:
         fam_mod.families.cache_clear()
         sys.modules.pop("pqjax.models.toy_family", None)
+
+
+def test_checkpoint_parts_are_the_records_saved_parts():
+    """What a checkpoint can hold besides the transformer is read from the records: each part
+    is importable, named after its class, and can be written and read back."""
+    table = checkpoint.components()
+    assert table == {n: w for f in families() for n, w in f.saved_parts}
+    assert {"PromptTable", "FluxTextEncoders", "SanaTextToImage", "ZImageTextToImage"} <= set(table)
+    for name, where in table.items():
+        module, attr = where.split(":")
+        cls = getattr(importlib.import_module(module), attr)
+        assert cls.__name__ == name
+        assert {"save", "load"} <= set(dir(cls)) or {"save_parts", "load_parts"} <= set(dir(cls))
 
 
 def test_a_family_module_without_a_record_is_refused(tmp_path, monkeypatch):
