@@ -8,12 +8,16 @@ One FLUX.1 double block with random weights whose input channels have heavy-tail
 paths start from the same full-precision block; RTN quantizes every Linear directly, PermuQuant
 calibrates (observers over the 8 samples), searches every site, absorbs and quantizes. Times
 are measured after a warm-up run of each (compilation excluded), in the same process.
-Writes benchmarks/results/permute_cpu.{json,md}.
+Then the search alone at every site of the block, on the same calibration rows: the sorted
+order (the paper's criterion) against the sorted order refined by `REFINE_ROUNDS` rounds of
+greedy swaps between groups (`permute.refine`, the search of `permuquant_hr`), each timed after
+a warm-up call. Writes benchmarks/results/permute_cpu.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -27,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_results
 from pqjax import permute
-from pqjax.calibrate import linears
+from pqjax.calibrate import calibrate, linears
 from pqjax.layers import QuantLinear
 from pqjax.models.embeddings import rope_cos_sin
 from pqjax.models.flux import FluxConfig, FluxTransformer2DModel
@@ -89,6 +93,65 @@ def run(method: str, block, model, cache, n_rows: int) -> tuple[float, dict]:
     return time.perf_counter() - t0, entry
 
 
+REFINE_ROUNDS = 8
+
+
+def _timed(fn):
+    fn()  # warm-up: compile
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def search_cost(block, model, cache, n_rows: int) -> dict[str, dict]:
+    """Per site of the block: seconds and relative error of the sorted order and of the sorted
+    order refined (`REFINE_ROUNDS` rounds), both searched on the same calibration rows."""
+    head = "transformer_blocks.0."
+    calib = calibrate(
+        block,
+        [dict(x=jnp.asarray(c[0]), context=jnp.asarray(c[1]), temb=jnp.asarray(c[2]), rope=c[3])
+         for c in cache],
+        n_rows=n_rows, progress=False,
+        forward=lambda blk, x, context, temb, rope: blk(x, context, temb, rope),
+    )
+    out = {}
+    for site in permute.sites(model):
+        if not site.name.startswith(head):
+            continue
+        consumers = [c[len(head):] for c in site.consumers]
+        stats = calib[consumers[0]]
+        kernels = [permute.module_at(block, c).kernel[...] for c in consumers]
+        row = {"dim": site.dim, "consumers": len(consumers)}
+        search = functools.partial(
+            permute.search, stats.rows, kernels, weights="nvfp4", acts="nvfp4",
+            segments=site.segments, act_mean_sq=stats.mean_sq, act_absmax=stats.absmax)
+        for label, rounds, order in (("sorted", 0, "joint_second_moment"),
+                                     ("refined", REFINE_ROUNDS, "refine")):
+            seconds, res = _timed(functools.partial(search, refine=rounds))
+            err = {name: e for _, name, _, e, _ in res.table}
+            row[label] = {"seconds": seconds, "err_identity": res.err_identity,
+                          "err_order": err[order]}
+        out[site.name] = row
+        print(site.name, row)
+    return out
+
+
+def search_table(cost: dict[str, dict]) -> str:
+    lines = [f"Search alone per site (NVFP4 W4A4, relative error on the calibration rows; refine: "
+             f"{REFINE_ROUNDS} rounds of swaps between groups from the sorted order):", "",
+             "| site | width | identity error | sorted: s | sorted error | refined: s | "
+             "refined error | refine time ratio |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in cost.items():
+        a, b = r["sorted"], r["refined"]
+        lines.append(f"| {name} | {r['dim']} | {a['err_identity']:.5f} | {a['seconds']:.2f} | "
+                     f"{a['err_order']:.5f} | {b['seconds']:.2f} | {b['err_order']:.5f} | "
+                     f"{b['seconds'] / a['seconds']:.1f}x |")
+    total = [sum(r[k]["seconds"] for r in cost.values()) for k in ("sorted", "refined")]
+    lines += ["", f"Whole block: sorted {total[0]:.1f} s, refined {total[1]:.1f} s "
+              f"(**{total[1] / total[0]:.1f}x**)."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -131,10 +194,13 @@ def main() -> None:
         f"{cfg.inner_dim}, {n_img} image + {n_txt} text tokens), NVFP4 W4A4, float32 on CPU, "
         "compilation excluded (each path warmed up first)."
     )
+    cost = search_cost(block, model, cache, 256)
+    table += "\n\n" + search_table(cost)
     print(table)
     name = "permute_cpu_quick" if args.quick else "permute_cpu"
     write_results(name, {"config": {"hidden": cfg.inner_dim, "n_img": n_img, "n_txt": n_txt,
-                                    "samples": 8}, "results": results,
+                                    "samples": 8, "refine_rounds": REFINE_ROUNDS},
+                         "results": results, "search_per_site": cost,
                          "ratio_permuquant_over_plain_rtn": ratio}, table)
 
 
