@@ -71,7 +71,8 @@ def main() -> None:
     spec = EvalSpec.digits(per_digit=args.per_digit)
     tables, everything = [], {}
     for setting in SETTINGS:
-        folder = setting[0].split()[0].lower() if setting[1] != setting[2] else setting[1]
+        # results/compare_methods/<format>/, or <WxAy>/ where weights and acts differ
+        folder = setting[1] if setting[1] == setting[2] else setting[0].split()[0].lower()
         runs = compare(fp, calib, configs_for(setting, methods), spec,
                        RESULTS / "compare_methods" / folder, digit_metrics=metrics)
         everything[setting[0]] = runs
