@@ -21,7 +21,13 @@ import numpy as np
 from pqjax.api import quantize_pipeline
 from pqjax.calibrate import Calibration
 from pqjax.eval.html import ComparisonView, comparison_page, write_page
-from pqjax.eval.metrics import DigitMetrics, mean_ci, psnr_per_image, ssim_per_image
+from pqjax.eval.metrics import (
+    SSIM_WINDOW,
+    DigitMetrics,
+    mean_ci,
+    psnr_per_image,
+    ssim_per_image,
+)
 from pqjax.eval.plots import image_grid
 from pqjax.pipelines.pipeline import Pipeline
 from pqjax.quantize import QuantConfig
@@ -59,7 +65,7 @@ def evaluate(
     p, p_ci = mean_ci(per_image)
     out: dict[str, Any] = {"psnr_vs_fp": p, "psnr_ci95": p_ci,
                            "psnr_per_image": [float(v) for v in per_image]}
-    if min(np.shape(images)[1:3]) >= 11:
+    if min(np.shape(images)[1:3]) >= SSIM_WINDOW:
         out["ssim_vs_fp"], out["ssim_ci95"] = mean_ci(ssim_per_image(images, reference))
     if digit_metrics is not None and spec.labels is not None:
         out.update(digit_metrics(images, spec.labels))

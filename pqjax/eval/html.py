@@ -313,10 +313,7 @@ def comparison_page(view: ComparisonView) -> str:
                + (f", {view.num_steps} steps" if view.num_steps else "")
                + f"). The Fréchet figure is over these {n} images; it is not comparable with "
                "one over another number of images (the README's demo table uses 50).</p>")
-    legend = {k: v for k, v in SUMMARY_LEGEND.items()
-              if (k not in ("accuracy", "Fréchet") or "accuracy" in view.results.get(
-                  "full_precision", {}))
-              and (k != "SSIM vs FP" or "ssim_vs_fp" in view.results.get("full_precision", {}))}
+    legend = {k: v for k, v in SUMMARY_LEGEND.items() if any(h.startswith(k) for h in head)}
     plots_html, worst, channels = _layer_sections(view.reports)
     sections = [
         ("config", "Configuration", _config_table(view.reports)),

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+SSIM_WINDOW = 11  # the Gaussian window's side (sigma 1.5): the smallest image SSIM scores
+
 
 def _pairs(images: np.ndarray, reference: np.ndarray, who: str) -> tuple[np.ndarray, np.ndarray]:
     a, b = np.asarray(images, np.float64), np.asarray(reference, np.float64)
@@ -44,8 +46,9 @@ def ssim_per_image(images: np.ndarray, reference: np.ndarray, peak: float = 1.0)
     from skimage.metrics import structural_similarity
 
     a, b = _pairs(images, reference, "ssim")
-    if min(a.shape[1:3]) < 11:
-        raise ValueError(f"ssim: images of {a.shape[1:3]} are smaller than the 11x11 window")
+    if min(a.shape[1:3]) < SSIM_WINDOW:
+        raise ValueError(f"ssim: images of {a.shape[1:3]} are smaller than the "
+                         f"{SSIM_WINDOW}x{SSIM_WINDOW} window")
     channel_axis = -1 if a.ndim == 4 else None
     return np.array([
         structural_similarity(x, y, data_range=peak, gaussian_weights=True, sigma=1.5,
