@@ -47,7 +47,7 @@ def configs_for(setting: tuple, methods: list[str]) -> list[QuantConfig]:
     title, weights, acts, group = setting
     out = []
     for m in methods:
-        config = QuantConfig(weights=weights, acts=acts, group=group, method=m, progress=False)
+        config = QuantConfig(weights=weights, acts=acts, group=group, method=m)
         if m == "quartz":
             if not title.startswith("W4A4"):
                 continue  # QuaRTZ is a 4-bit scheme

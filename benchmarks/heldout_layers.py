@@ -40,7 +40,7 @@ def main() -> None:
     sites = {s.name: s for s in permute.sites(fp.transformer)}
     results = {}
     for weights, group in FORMATS:
-        config = QuantConfig(weights=weights, acts=weights, group=group, progress=False)
+        config = QuantConfig(weights=weights, acts=weights, group=group)
         _, report = quantize(fp.transformer, calib, config)
         wf, af = config.weight_format(), config.act_format()
         gains, held_ratio, calib_ratio, not_worse = [], [], [], 0

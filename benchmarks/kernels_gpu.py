@@ -203,7 +203,7 @@ def bench_blocks(interpret: bool, reps: dict) -> list[dict]:
         model, {s.name: s.random(jax.random.key(i)) for i, s in enumerate(sites)}
     )
     calib = pqjax.calibrate(pmodel, [inputs], n_rows=64, progress=False)
-    qmodel, _ = pqjax.quantize(pmodel, calib, pqjax.QuantConfig(method="rtn", progress=False))
+    qmodel, _ = pqjax.quantize(pmodel, calib, pqjax.QuantConfig(method="rtn"))
     pqjax.set_backend(qmodel, "pallas")
     if interpret:
         os.environ[dispatch.ENV_INTERPRET] = "1"

@@ -32,11 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import write_results
 from pqjax import permute
 from pqjax.calibrate import calibrate, linears
+from pqjax.engine.calibration import Blockwise
+from pqjax.engine.stages import Block, Stages
 from pqjax.layers import QuantLinear
+from pqjax.methods import method_spec
 from pqjax.models.embeddings import rope_cos_sin
+from pqjax.models.family import family
 from pqjax.models.flux import FluxConfig, FluxTransformer2DModel
-from pqjax.quantize import QuantConfig, set_module
-from pqjax.streaming import quantize_block
+from pqjax.quantize import QuantConfig, apply_plan, set_module
 
 
 def heavy_tailed_block(cfg: FluxConfig, seed: int) -> nnx.Module:
@@ -85,12 +88,23 @@ def plain_rtn(block, config: QuantConfig) -> float:
 
 
 def run(method: str, block, model, cache, n_rows: int) -> tuple[float, dict]:
-    config = QuantConfig(weights="nvfp4", acts="nvfp4", method=method, progress=False)
-    sites = [s for s in permute.sites(model) if s.name.startswith("transformer_blocks.0.")]
+    """One block stage of the engine (`pqjax.engine.run`): calibrate the block on its cached
+    inputs, the method on the block's sites, the plan applied. The block's AdaLN linears read
+    temb, a site spanning blocks, so the engine quantizes them in its model stage, not here."""
+    config = QuantConfig(weights="nvfp4", acts="nvfp4", method=method)
+    stages = Stages.of(model, config)
+    first = Block("transformer_blocks.0", "transformer_blocks", 0)
+    fam = family("flux")
+    carries = [{"x": x, "context": c, "temb": t, "rope": rope} for x, c, t, rope in cache]
     t0 = time.perf_counter()
-    q, entry, _ = quantize_block("transformer_blocks.0", block, cache, config, sites, n_rows)
+    stats = Blockwise(fam.runner, fam.block_lists, carries, n_rows=n_rows)
+    stats.resume(carries, first.list_name)
+    calib = stats.block(first, block)
+    targets = stages.block_targets(first)
+    plan = method_spec(method)(block, calib, config, targets, stages.block_sites[first.name])
+    q = apply_plan(plan, calib, config, targets)
     jax.block_until_ready(nnx.state(q))
-    return time.perf_counter() - t0, entry
+    return time.perf_counter() - t0, {"report_layers": plan.layers, "report_sites": plan.sites}
 
 
 REFINE_ROUNDS = 8
@@ -161,7 +175,7 @@ def main() -> None:
                      guidance_embeds=True)
     block, model = heavy_tailed_block(cfg, seed=0)
     cache = calibration_cache(cfg, n_img, n_txt, samples=8, seed=1)
-    config = QuantConfig(weights="nvfp4", acts="nvfp4", progress=False)
+    config = QuantConfig(weights="nvfp4", acts="nvfp4")
     plain_rtn(block, config)  # warm-up
     results = {"rtn_plain": {"seconds": plain_rtn(block, config)}}
     for method in ("rtn", "permuquant"):

@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +38,27 @@ def export_model(
     *,
     dtype: Any | None = None,
     max_shard_bytes: int | None = None,
+    fill: Callable[[str, tuple[int, ...], np.dtype], np.ndarray] | None = None,
 ) -> Path:
     """Write `config.json` and safetensors (sharded above `max_shard_bytes`) in torch layout.
 
     Replaces an earlier export (or any model folder: config.json plus weights) at `out_dir`
-    atomically; refuses a folder that holds anything else. Returns `out_dir`.
+    atomically; refuses a folder that holds anything else. Returns `out_dir`. fill(key,
+    torch shape, dtype) -> array: write these values instead of the model's, one tensor at a
+    time, so an abstract model (`nnx.eval_shape`) exports as a full-size checkpoint of, say,
+    random weights without ever holding them all.
     """
     spec = registry.spec_for_model(model)
     out = Path(out_dir)
     _check_target(out)
     specs, get = bridge.export_arrays(model, None if dtype is None else np.dtype(dtype))
+    if fill is not None:
+        shapes = {k: (s, d) for k, s, d in specs}
+
+        def filled(key: str) -> np.ndarray:  # the model's own values are never read
+            return fill(key, *shapes[key])
+
+        get = filled
     tensors = [TensorSpec(k, s, d) for k, s, d in specs]
     shards = _shard(tensors, max_shard_bytes)
     out.parent.mkdir(parents=True, exist_ok=True)

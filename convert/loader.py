@@ -138,30 +138,79 @@ def check_block_counts(spec: registry.ModelSpec, config: Any, keys: list[str],
             )
 
 
+class ModelWeights:
+    """A component folder's config and weights, read one tensor at a time by model key.
+
+        w = ModelWeights(folder)                  # config parsed and checked, no tensor read
+        model = w.load(w.abstract())              # the whole model
+        block = w.load(nnx.clone(module_at(w.abstract(), "transformer_blocks.3")),
+                       "transformer_blocks.3")    # one submodule, nothing else read
+
+    dtype: what the parameters are held in (None: the checkpoint's own, `stored_dtype`).
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, dtype: Any = None,
+                 allow_pickle: bool = False):
+        self.folder = Path(folder)
+        raw = read_config(self.folder)
+        self.source = str(self.folder / "config.json")
+        self.spec = registry.spec_for_class_name(class_name_of(raw, self.source), self.source)
+        self.config = self.spec.parse(raw, self.source)
+        self.weights = open_weights(self.folder, self.spec.weights_name,
+                                    allow_pickle=allow_pickle)
+        self.origin = _model_keys(self.weights.keys(), self.spec)  # model key -> stored key
+        check_block_counts(self.spec, self.config, list(self.origin), self.source)
+        self.dtype = np.dtype(stored_dtype(self.weights, list(self.origin.values()))
+                              if dtype is None else dtype)
+
+    def abstract(self) -> nnx.Module:
+        """The model with shapes only (`nnx.eval_shape`), in `self.dtype`."""
+        return nnx.eval_shape(
+            lambda: self.spec.module(self.config, dtype=self.dtype, rngs=nnx.Rngs(0)))
+
+    def nbytes(self) -> int:
+        """Bytes of the model's parameters in `self.dtype`, from the headers alone."""
+        count = sum(int(np.prod(self.weights.shape(k), dtype=np.int64))
+                    for k in self.origin.values())
+        return count * self.dtype.itemsize
+
+    def files(self) -> list[Path]:
+        """The weight files the model is read from."""
+        return sorted({self.weights.file_of(k) for k in self.origin.values()})
+
+    def load(self, module: nnx.Module, prefix: str = "", digest: Any = None,
+             exclude: tuple[str, ...] = ()) -> nnx.Module:
+        """Fill the abstract `module`, the submodule at dotted `prefix` ("": the model), from
+        the keys under `prefix`, but those under the submodules named in `exclude` (e.g. the
+        block lists, for a model whose lists are empty); returned concrete. digest: a hashlib
+        object updated with each key and the bytes read (in key order), to fingerprint what
+        was read."""
+        head = prefix + "." if prefix else ""
+        skip = tuple(f"{head}{e}." for e in exclude)
+        keys = sorted(k[len(head):] for k in self.origin
+                      if k.startswith(head) and not k.startswith(skip))
+
+        def read(k: str) -> np.ndarray:
+            arr = self.weights.read(self.origin[head + k])
+            if digest is not None:
+                digest.update(f"{k}:{arr.dtype.str}:{arr.shape};".encode())
+                digest.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+            return arr
+
+        return bridge.load_params(
+            module, read, keys, dtype=self.dtype,
+            where=lambda k: str(self.weights.file_of(self.origin.get(head + k, head + k))),
+            shape_of=lambda k: self.weights.shape(self.origin[head + k]),
+        )
+
+
 def load_model(
     folder: str | os.PathLike, *, dtype: Any = None, allow_pickle: bool = False
 ) -> nnx.Module:
     """Build the model `folder/config.json` describes and fill it from the folder's weights,
     held in `dtype` (None: the checkpoint's own, `stored_dtype`)."""
-    folder = Path(folder)
-    raw = read_config(folder)
-    source = str(folder / "config.json")
-    spec = registry.spec_for_class_name(class_name_of(raw, source), source)
-    config = spec.parse(raw, source)
-    weights = open_weights(folder, spec.weights_name, allow_pickle=allow_pickle)
-    origin = _model_keys(weights.keys(), spec)
-    check_block_counts(spec, config, list(origin), source)
-    if dtype is None:
-        dtype = stored_dtype(weights, list(origin.values()))
-    model = nnx.eval_shape(lambda: spec.module(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    return bridge.load_params(
-        model,
-        lambda k: weights.read(origin[k]),
-        list(origin),
-        dtype=dtype,
-        where=lambda k: str(weights.file_of(origin.get(k, k))),
-        shape_of=lambda k: weights.shape(origin[k]),
-    )
+    w = ModelWeights(folder, dtype=dtype, allow_pickle=allow_pickle)
+    return w.load(w.abstract())
 
 
 def weight_bytes(
@@ -170,27 +219,7 @@ def weight_bytes(
     """The bytes of the checkpoint's tensors in `dtype` (None: its own) that
     `load_model(folder, dtype=dtype)` holds, from its header alone: no tensor is read, no model
     built."""
-    folder = Path(folder)
-    raw = read_config(folder)
-    source = str(folder / "config.json")
-    spec = registry.spec_for_class_name(class_name_of(raw, source), source)
-    weights = open_weights(folder, spec.weights_name, allow_pickle=allow_pickle)
-    origin = _model_keys(weights.keys(), spec)  # the tensors the model takes
-    count = sum(int(np.prod(weights.shape(k), dtype=np.int64)) for k in origin.values())
-    if dtype is None:
-        dtype = stored_dtype(weights, list(origin.values()))
-    return count * np.dtype(dtype).itemsize
-
-
-def load_submodule(module: nnx.Module, prefix: str, weights: WeightSource, *,
-                   dtype: Any = jnp.float32) -> nnx.Module:
-    """Fill `module`, the (abstract) submodule at dotted `prefix` of a model, from the checkpoint
-    keys under `prefix`; one tensor at a time, nothing else is read."""
-    head = prefix + "."
-    keys = [k[len(head):] for k in weights.keys() if k.startswith(head)]
-    return bridge.load_params(module, lambda k: weights.read(head + k), keys, dtype=dtype,
-                              where=lambda k: str(weights.file_of(head + k)),
-                              shape_of=lambda k: weights.shape(head + k))
+    return ModelWeights(folder, dtype=dtype, allow_pickle=allow_pickle).nbytes()
 
 
 def _model_keys(keys: list[str], spec: registry.ModelSpec) -> dict[str, str]:

@@ -9,7 +9,7 @@
     calib = pqjax.calibrate(model, batches)        # or piece by piece, on any NNX DiT
     qmodel, report = pqjax.quantize(model, calib, pqjax.QuantConfig(weights="int4", group=64))
 
-    pqjax.streaming.stream_quantize(...)           # block by block
+    pqjax.stream_quantize("flux-dev", batches, config, "runs/q")   # one block in memory
 
 Every name, and every submodule (`pqjax.formats`, `pqjax.permute`, ...), is imported on first
 use, so `import pqjax.formats` (as `pallas_kernels` does) loads only the formats.
@@ -36,15 +36,17 @@ _PUBLIC = {
     "estimate_memory": "pqjax.memory",
     "load_pipeline": "pqjax.pipelines.load",
     "method_names": "pqjax.methods",
-    "quantize": "pqjax.quantize",
+    "quantize": "pqjax.engine",
     "quantize_pipeline": "pqjax.api",
     "register_method": "pqjax.methods",
     "restore": "pqjax.checkpoint",
     "save": "pqjax.checkpoint",
     "set_backend": "pqjax.backends",
+    "stream_quantize": "pqjax.engine",
 }
-# functions named like the module that defines them: `pqjax.quantize` is the function
-_SHADOWED = frozenset(n for n, m in _PUBLIC.items() if m == f"pqjax.{n}")
+# public functions named like a submodule: `pqjax.quantize` is the function, though importing
+# the module pqjax.quantize sets the package attribute
+_SHADOWED = frozenset({"calibrate", "quantize"})
 
 
 class _Package(types.ModuleType):
@@ -72,4 +74,4 @@ def __dir__() -> list[str]:
 
 sys.modules[__name__].__class__ = _Package
 
-__all__ = sorted([*_PUBLIC, "streaming"])
+__all__ = sorted([*_PUBLIC, "engine"])

@@ -17,6 +17,7 @@ tensor, and every method scores a layer on the same rows.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -136,6 +137,8 @@ def calibrate(
     mesh: jax.sharding.Mesh | None = None,
     shard_weights: bool = False,
     progress: bool = True,
+    collect: list[Any] | None = None,
+    prefix: str = "",
 ) -> Calibration:
     """Run `forward(model, **batch)` (default `model(**batch)`) over `batches` and collect stats.
 
@@ -147,6 +150,10 @@ def calibrate(
     the mesh's first axis (arrays named `*_ids` are position tables and stay replicated), and
     weights are replicated, or with `shard_weights` sharded FSDP-style along their largest
     divisible axis. The statistics equal a single device's up to float summation order.
+
+    collect: a list that receives each batch's forward output (on the host), so that a caller
+    running a model piece by piece gets the next piece's inputs from the same pass. prefix:
+    the dotted path of `model` in a larger model, for the paths error messages name.
     """
     targets = [(p, m) for p, m in linears(model) if select is None or select(p)]
     if not targets:
@@ -157,28 +164,31 @@ def calibrate(
     clock = Stat(jnp.zeros((), jnp.int32))
     for _, lin in targets:
         lin.observer.clock = clock
-    fwd = forward or (lambda m, **kw: m(**kw))
-    placed = None
-    if mesh is not None:  # after the observers and their clock: all state on the mesh
+    fwd = forward or _call
+    keep = collect is not None
+    if mesh is None:
+        step = functools.partial(_observed_step, fwd=fwd, keep=keep)
+    else:  # after the observers and their clock: all state on the mesh
         _shard_model(model, mesh, shard_weights)
         placed = jax.tree.map(lambda x: x.sharding, nnx.state(model))
         batches = (_shard_batch(b, mesh) for b in batches)
 
-    @nnx.jit
-    def step(m: nnx.Module, batch: dict[str, Any]) -> tuple[Any, jax.Array, jax.Array]:
-        inputs_ok = {k: _all_finite(v) for k, v in batch.items()}
-        fwd(m, **batch)
-        if placed is not None:  # the state keeps its placement: the next batch reuses this program
+        @nnx.jit
+        def step(m: nnx.Module, batch: dict[str, Any]) -> tuple[Any, ...]:
+            result = _observed(m, batch, fwd=fwd, keep=keep)
+            # the state keeps its placement: the next batch reuses this program
             nnx.update(m, jax.tree.map(jax.lax.with_sharding_constraint, nnx.state(m), placed))
-        observers = [lin.observer for _, lin in linears(m) if lin.observer is not None]
-        return (inputs_ok, jnp.stack([o.status[...] for o in observers]),
-                jnp.stack([o.bad_tick[...] for o in observers]))
+            return result
 
     try:
-        _check_parameters(model)
+        _check_parameters(model, prefix)
         n = 0
+        names = [f"{prefix}.{p}" if prefix else p for p, _ in targets]
         for batch in tqdm(batches, desc="calibrate", unit="batch", disable=not progress):
-            _raise_if_bad(n, *jax.device_get(step(model, batch)), [p for p, _ in targets])
+            *flags, output = jax.device_get(step(model, batch))
+            _raise_if_bad(n, *flags, names)
+            if collect is not None:
+                collect.append(output)
             n += 1
         if n == 0:
             raise ValueError("calibrate: no calibration batches were given")
@@ -203,6 +213,26 @@ def calibrate(
             lin.observer = None
 
 
+def _call(model: nnx.Module, **batch: Any) -> Any:
+    """calibrate's default forward: the model called with the batch's keywords."""
+    return model(**batch)
+
+
+def _observed(m: nnx.Module, batch: dict[str, Any], *, fwd: Callable[..., Any],
+              keep: bool) -> tuple[Any, ...]:
+    """One observed forward: (inputs finite, observer status, their first bad tick, the
+    forward's output if `keep`). Jitted once per (forward, batch shapes, model structure):
+    a forward that is a stable function (not a new lambda per call) reuses the program."""
+    inputs_ok = {k: _all_finite(v) for k, v in batch.items()}
+    out = fwd(m, **batch)
+    observers = [lin.observer for _, lin in linears(m) if lin.observer is not None]
+    return (inputs_ok, jnp.stack([o.status[...] for o in observers]),
+            jnp.stack([o.bad_tick[...] for o in observers]), out if keep else None)
+
+
+_observed_step = nnx.jit(_observed, static_argnames=("fwd", "keep"))
+
+
 def _is_float(x: Any) -> bool:
     return x is not None and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
@@ -218,9 +248,10 @@ def _params_finite(leaves: list[jax.Array]) -> jax.Array:
     return jnp.stack([jnp.isfinite(x).all() for x in leaves])
 
 
-def _check_parameters(model: nnx.Module) -> None:
+def _check_parameters(model: nnx.Module, prefix: str = "") -> None:
     """Refuse a model whose float parameters hold NaN or Inf, naming the first one."""
-    flat = [(".".join(str(k) for k in path), v.get_value())
+    head = prefix + "." if prefix else ""
+    flat = [(head + ".".join(str(k) for k in path), v.get_value())
             for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
     flat = [(name, x) for name, x in flat if _is_float(x)]
     if not flat:

@@ -72,7 +72,9 @@ def save(pipe: Pipeline, out_dir: str | os.PathLike, *, overwrite: bool = False)
     tmp = temp_sibling(out)
     tmp.mkdir(parents=True)
     try:
-        model = pipe.transformer
+        from pqjax.pipelines.components import held
+
+        model = held(pipe.transformer)  # a transformer kept on disk is read to be saved
         spec = registry.spec_for_model(model)
         layers, perms = module_layout(model)
         first = next(iter(nnx.to_flat_state(nnx.state(model, nnx.Param))))[1].get_value()
@@ -199,7 +201,7 @@ def restore(ckpt_dir: str | os.PathLike, *, backend: str = "xla",
     set_backend(model, backend)
     p = meta["pipeline"]
     qc = meta["quant_config"]
-    config = None if qc is None else _quant_config(qc)
+    config = None if qc is None else QuantConfig.from_dict(qc)
     report = None if dropped else _load_report(root / "report" / "report.json")
     if "kind" in p:  # SANA, Z-Image: the pipeline reads its own parts
         return _component(p["kind"]).load_parts(root / "pipeline", model, source=meta["source"],
@@ -316,18 +318,6 @@ def _load_report(path: Path) -> Any:
         warnings.warn(f"{path}: unreadable ({type(e).__name__}: {e}); restoring without the "
                       "report", stacklevel=3)
         return None
-
-
-def _quant_config(raw: dict[str, Any]) -> QuantConfig:
-    """QuantConfig from its JSON form (lists back to tuples, options to pairs)."""
-    fields = {}
-    for key, value in raw.items():
-        if key == "options":
-            value = tuple(tuple(pair) for pair in value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        fields[key] = value
-    return QuantConfig(**fields)
 
 
 def components() -> dict[str, str]:

@@ -87,17 +87,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from pqjax.api import calibrate_pipeline, quantize_pipeline
+    from pqjax.api import (
+        calibrate_pipeline,
+        choose_path,
+        convert_and_quantize,
+        default_budget,
+        quantize_pipeline,
+    )
+    from pqjax.backends import set_backend
     from pqjax.checkpoint import save
     from pqjax.eval.compare import EvalSpec, compare, run_name, summary_table
-    from pqjax.pipelines.load import EMBEDDED, load_pipeline
+    from pqjax.pipelines.load import EMBEDDED, load_pipeline, resolve_root
 
     config = args.config
-    warn_pallas_without_gpu(config.backend)
-    fp = load_pipeline(args.model, allow_pickle=args.allow_pickle, max_memory=args.max_memory)
+    warn_pallas_without_gpu(args.backend)
     size = dict(num_steps=args.steps, height=args.height, width=args.width)
-    calib = calibrate_pipeline(fp, args.calib_prompt_list, n_rows=args.rows, **size)
-    q = quantize_pipeline(fp, calib, config)
+    budget = args.max_memory if args.max_memory is not None else default_budget()
+    if choose_path(resolve_root(args.model), config, budget,
+                   allow_pickle=args.allow_pickle).stream:
+        q = convert_and_quantize(args.model, config, args.calib_prompt_list,
+                                 calib_steps=args.steps, height=args.height, width=args.width,
+                                 n_rows=args.rows, allow_pickle=args.allow_pickle,
+                                 max_memory=budget, work_dir=args.work_dir, backend=args.backend)
+        fp = calib = None
+    else:
+        fp = load_pipeline(args.model, allow_pickle=args.allow_pickle,
+                           max_memory=args.max_memory)
+        calib = calibrate_pipeline(fp, args.calib_prompt_list, n_rows=args.rows, **size)
+        q = quantize_pipeline(fp, calib, config)
+        set_backend(q.transformer, args.backend)
     out = save(q, args.out, overwrite=args.overwrite)
     print(f"saved {config.label} {config.method} checkpoint to {out}")
     s = q.report.summary
@@ -106,7 +124,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"{s['sites_accepted']}/{s['n_sites']} permutation sites accepted; "
         f"{q.report.sizes['compression_vs_bf16']:.2f}x smaller than bf16"
     )
-    if not args.no_compare:
+    if fp is None and not args.no_compare:
+        print("comparison skipped: the full-precision model does not fit --max-memory")
+    elif not args.no_compare:
         embedded = str(args.model) == EMBEDDED
         spec = EvalSpec.digits(per_digit=2) if embedded else EvalSpec(("a photo of a cat",))
         spec = dataclasses.replace(spec, **size)

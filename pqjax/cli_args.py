@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load pickled .bin/.pt weights (torch, weights_only=True)")
     p.add_argument("--max-memory", type=byte_count, default=None, help=MAX_MEMORY_HELP)
+    p.add_argument("--work-dir", metavar="DIR", default=None,
+                   help="where a block-by-block run keeps finished blocks; rerun to resume "
+                   "(default: a folder under ~/.cache/pqjax/work named by the arguments)")
     _add_size_args(p, "of calibration and comparison")
     _add_quant_args(p)
 
@@ -363,7 +366,6 @@ def quant_config(args: argparse.Namespace, method: str | None = None):
             criterion=args.criterion,
             alpha=args.alpha,
             tau=args.tau,
-            backend=args.backend,
         )
     except ValueError as e:  # name the flag, not the field: QuantConfig.group -> --group
         raise UsageError(str(e).replace("QuantConfig.", "--")) from e

@@ -186,11 +186,11 @@ class QuantLinear(nnx.Module):
 
     def weight(self) -> formats.QTensor:
         """The packed weight as a QTensor `(d_out, d_in)`."""
-        return formats.QTensor(
-            codes=self.codes[...],
-            block_scale=self.block_scale[...],
-            global_scale=None if self.global_scale is None else self.global_scale[...],
-            zero_point=None if self.zero_point is None else self.zero_point[...],
+        return formats.QTensor(  # get_value: an abstract layer gives its shapes too
+            codes=self.codes.get_value(),
+            block_scale=self.block_scale.get_value(),
+            global_scale=None if self.global_scale is None else self.global_scale.get_value(),
+            zero_point=None if self.zero_point is None else self.zero_point.get_value(),
             shape=(self.out_features, self.in_features),
             fmt=self.weight_fmt,
         )
@@ -253,7 +253,8 @@ class QuantLinear(nnx.Module):
         """Bytes of the stored weight (packed codes + scales) and 16-bit extras, not the bias."""
         total = self.weight().nbytes
         for v in (self.input_scale, self.low_rank_down, self.low_rank_up):
-            total += 0 if v is None else v[...].nbytes
+            if v is not None:  # size x itemsize: also for an abstract (eval_shape) layer
+                total += int(v.get_value().size) * jnp.dtype(v.get_value().dtype).itemsize
         return total
 
 

@@ -13,6 +13,7 @@ token counts and widths, `Family.memory`) under the assumptions listed with them
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 from typing import Any
 
@@ -145,6 +146,13 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
+def deferred_linears(inv: Inventory, patterns: tuple[str, ...]) -> dict[str, tuple]:
+    """The Linears of `inv` that match the family's `cross_block_layers` globs (what the
+    engine's model stage quantizes besides the layers outside the blocks)."""
+    return {p: v for p, v in inv.linears.items()
+            if any(fnmatch.fnmatchcase(p, pat) for pat in patterns)}
+
+
 def _block_peak_bytes(
     fam: FamilyMemory, img_tokens: int, txt_tokens: int, batch: int, flash: bool
 ) -> int:
@@ -176,9 +184,10 @@ def estimate_memory(
 
     name: a preset (`preset_names()`). Computed from the configs alone (well under a second).
     text_tokens: the caption length (default: the family's, `Family.memory`). Peaks assume
-    weights in bf16, block-wise streaming quantization (one full-precision block resident, the
-    calibration cache on the host) or the whole model in memory, and for inference text
-    encoders run once and released before sampling.
+    weights in bf16; for quantization, the engine's block-by-block path (one full-precision
+    block resident, finished blocks on disk, then the model stage with the layers of the
+    sites that span blocks: FLUX's AdaLN linears, `Family.cross_block_layers`) or the whole
+    model in memory; for inference, text encoders run once and are released before sampling.
     """
     presets = _presets()
     if name not in presets:
@@ -201,12 +210,26 @@ def estimate_memory(
     act = _block_peak_bytes(fam, img_tokens, txt, batch, flash_attention)
     block_sizes = [n for lst in record.block_lists for n in tinv.counts_by_item(lst).values()]
     biggest_block = 2 * max(block_sizes, default=0)
+    in_blocks = sum(block_sizes)
+    shell = 2 * (tinv.param_count - in_blocks)  # embedders and final layers, always resident
     cache_tokens = img_tokens + txt
     cache_batch = calib_batch * cache_tokens * fam.dim * 2 * 2  # a batch of block inputs, outputs
+    deferred = deferred_linears(tinv, record.cross_block_layers)
+    deferred_fp = sum(2 * d_in * d_out for d_in, d_out, _ in deferred.values())
+    wfmt = config.weight_format()
+    deferred_q = sum(
+        (2 * d_in * d_out if wfmt is None else quantized_weight_bytes(d_out, d_in, wfmt))
+        + (2 * d_out if bias else 0) for d_in, d_out, bias in deferred.values())
     vae = components.get("vae", {}).get("bf16_bytes", 0)
     encoders = sum(c["bf16_bytes"] for k, c in components.items() if k.startswith("text"))
     # the FLUX VAE decoder: three full-resolution 128-channel maps
     vae_act = batch * 3 * 128 * height * width * 2 if "vae" in components else 0
+    # block by block (pqjax.engine.stream_quantize): finished blocks go to disk; a block stage
+    # holds one full-precision block, its quantized copy, the calibration cache and one
+    # block's activations; the model stage holds every layer it quantizes (the readers of the
+    # sites that span blocks) in 16-bit and quantized; the result is assembled last.
+    block_stage = biggest_block + biggest_block // 3 + cache_batch + act
+    model_stage = deferred_fp + deferred_q
     peaks = {
         "inference (quantized transformer + VAE, encoders released)": (
             tr["quantized_bytes"] + vae + max(act, vae_act)
@@ -216,8 +239,8 @@ def estimate_memory(
             tr["bf16_bytes"] + vae + max(act, vae_act)
         )
         / GiB,
-        "block-wise quantization (device)": (
-            tr["quantized_bytes"] + biggest_block + cache_batch + act
+        "block-by-block quantization (engine, streamed)": (
+            shell + max(block_stage, model_stage, tr["quantized_bytes"] - shell)
         )
         / GiB,
         "in-memory quantization (bf16 transformer + its quantized copy)": (

@@ -1,24 +1,33 @@
-"""Quantization methods: plain functions from (model, calibration, config) to a Plan.
+"""Quantization methods: plain functions from (model or block, calibration, config, targets,
+sites) to a Plan, registered with their typed options.
 
-A method transforms the full-precision model into an equivalent one (permutations absorbed,
-smoothing folded, rotations applied) and may give per-layer replacements (pre-rounded weights,
-low-rank branches, online input transforms). `pqjax.quantize` turns any Plan into a model of
-QuantLinears the same way, so every method runs through the same pipeline.
+A method transforms the full-precision model (or one block of it: `pqjax.engine` calls every
+method block by block, then once for the layers and sites that span blocks) into an equivalent
+one (permutations absorbed, smoothing folded, rotations applied) and may give per-layer
+replacements (pre-rounded weights, low-rank branches, online input transforms).
+`pqjax.quantize.apply_plan` turns any Plan into QuantLinears the same way, so every method runs
+through the same engine.
 
-    @register_method("my_method")
-    def my_method(model, calib, config, targets) -> Plan: ...
+    @register_method("my_method", options={"steps": Option(int, 100, "optimiser steps",
+                                                           positive=True)})
+    def my_method(model, calib, config, targets, sites=None) -> Plan: ...
+
+`sites` are the permutation sites of `model` (paths relative to it); None means the model's
+own (`permute.sites(model)`), for a call on a whole model. A method takes its options with
+`config.option(name)`; `QuantConfig` refuses an option the method does not declare, or a
+value of the wrong type, when it is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from pqjax import formats, permute
 from pqjax.calibrate import Calibration
@@ -50,30 +59,131 @@ class Plan:
     perms: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
-Method = Callable[[nnx.Module, Calibration, "QuantConfig", list[str]], Plan]
-_METHODS: dict[str, Method] = {}
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
 
 
-def register_method(name: str) -> Callable[[Method], Method]:
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One option a method takes: its type(s), default and meaning.
+
+    types: a type or tuple of types the value must be (bool is never an int here);
+    positive: a number must be > 0 (`nonnegative`: >= 0); unit: every number in a sequence
+    value lies in [0, 1]; choices: the allowed values. Numbers must be finite.
+    """
+
+    types: type | tuple[type, ...]
+    default: Any
+    doc: str
+    positive: bool = False
+    nonnegative: bool = False
+    unit: bool = False
+    choices: tuple[Any, ...] = ()
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` is not valid (None when it is)."""
+        types = self.types if isinstance(self.types, tuple) else (self.types,)
+        want = "|".join("None" if t is type(None) else t.__name__ for t in types)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            return f"is not a valid {want}"
+        if _is_number(value):
+            if not math.isfinite(value):
+                return "must be finite"
+            if self.positive and not value > 0:
+                return "must be > 0"
+            if self.nonnegative and not value >= 0:
+                return "must be >= 0"
+        if self.unit and not (
+            len(value) > 0 and all(_is_number(a) and 0 <= a <= 1 for a in value)
+        ):
+            return f"is not a valid {want} (values in [0, 1])"
+        if self.choices and value not in self.choices:
+            return f"must be one of {list(self.choices)}"
+        return None
+
+
+Method = Callable[..., Plan]
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its function, its options, and a check of the config's formats
+    (`check(config)` raises ValueError) run when a QuantConfig naming it is built."""
+
+    name: str
+    fn: Method
+    options: Mapping[str, Option]
+    check: Callable[[QuantConfig], None] | None = None
+
+    def __call__(self, model: nnx.Module, calib: Calibration, config: QuantConfig,
+                 targets: list[str], sites: list[permute.Site] | None = None) -> Plan:
+        return self.fn(model, calib, config, targets, sites)
+
+    def check_options(self, options: Sequence[Any]) -> None:
+        """Refuse pairs that are malformed, repeated, unknown to this method or ill-typed."""
+        if not isinstance(options, tuple | list):
+            raise ValueError(f"QuantConfig.options must be (name, value) pairs, got {options!r}")
+        seen = set()
+        for pair in options:
+            if not (isinstance(pair, tuple | list) and len(pair) == 2
+                    and isinstance(pair[0], str)):
+                raise ValueError(f"QuantConfig.options: {pair!r} is not a (name, value) pair")
+            name, value = pair
+            if name in seen:
+                raise ValueError(f"QuantConfig.options: {name!r} is given twice")
+            seen.add(name)
+            if name not in self.options:
+                takes = sorted(self.options) or "no options"
+                raise ValueError(f"QuantConfig.options: unknown option {name!r} for method "
+                                 f"{self.name!r}; it takes {takes}")
+            why = self.options[name].problem(value)
+            if why:
+                raise ValueError(f"QuantConfig.options: {name}={value!r} {why} "
+                                 f"({self.options[name].doc})")
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(
+    name: str,
+    *,
+    options: Mapping[str, Option] | None = None,
+    check: Callable[[QuantConfig], None] | None = None,
+) -> Callable[[Method], Method]:
+    """Decorator: register `fn(model, calib, config, targets, sites=None) -> Plan` as `name`,
+    taking `options` (name -> Option) and checking the config with `check`."""
+
     def add(fn: Method) -> Method:
-        _METHODS[name] = fn
+        _METHODS[name] = MethodSpec(name, fn, dict(options or {}), check)
         return fn
 
     return add
 
 
-def get_method(name: str) -> Method:
-    import pqjax.baselines  # noqa: F401  (registers the baselines)
-
+def method_spec(name: str) -> MethodSpec:
+    """The registered method `name`; ValueError listing the known ones otherwise."""
     if name not in _METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {sorted(_METHODS)}")
+        import pqjax.baselines  # noqa: F401  (registers the baselines)
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {method_names()}")
     return _METHODS[name]
+
+
+def get_method(name: str) -> MethodSpec:
+    """The method `name`, callable as `method(model, calib, config, targets, sites=None)`."""
+    return method_spec(name)
 
 
 def method_names() -> list[str]:
     import pqjax.baselines  # noqa: F401
 
     return sorted(_METHODS)
+
+
+def model_sites(model: nnx.Module, sites: list[permute.Site] | None) -> list[permute.Site]:
+    """`sites` as given (a block's, re-rooted by the engine), else the model's own."""
+    return permute.sites(model) if sites is None else list(sites)
 
 
 def kernel_of(model: nnx.Module, path: str) -> jax.Array:
@@ -96,7 +206,8 @@ def rtn_errors(
 
 
 @register_method("rtn")
-def rtn(model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str]) -> Plan:
+def rtn(model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str],
+        sites: list[permute.Site] | None = None) -> Plan:
     """Round-to-nearest per group: the reference point."""
     errs = rtn_errors(model, calib, config, targets)
     layers = {p: {"err_rtn": e, "err": e} for p, e in errs.items()}
@@ -108,9 +219,8 @@ def search_sites(
     calib: Calibration,
     config: QuantConfig,
     targets: list[str],
+    sites: list[permute.Site] | None = None,
     *,
-    desc: str = "permute",
-    site_list: list[permute.Site] | None = None,
     rotate_for: Callable[[permute.Site], str | None] | None = None,
     baseline_key: str = "err_rtn",
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
@@ -119,16 +229,15 @@ def search_sites(
     Returns (perms, site report, layer report); layer errors are on each layer's own
     calibration rows (see `_own_row_errors`) with the accepted order (identity when
     rejected), so err <= the identity's error (under `baseline_key`) by construction.
-    site_list: the sites to search (default: all of `model`'s). rotate_for: a site's online
+    sites: the sites to search (default: all of `model`'s). rotate_for: a site's online
     input transform (`pqjax.rotate` name), applied after the permutation in every error
     evaluation and recorded as "transform".
     """
     wfmt, afmt = config.weight_format(), config.act_format()
     wanted = set(targets)
     perms, site_rows, layer_rows = {}, {}, {}
-    sites = permute.sites(model) if site_list is None else site_list
-    todo = [s for s in sites if wanted.intersection(s.consumers)]
-    for i, site in enumerate(tqdm(todo, desc=desc, unit="site", disable=not config.progress)):
+    todo = [s for s in model_sites(model, sites) if wanted.intersection(s.consumers)]
+    for i, site in enumerate(todo):
         stats = calib.get(site.consumers[0])
         if stats is None:
             continue
@@ -229,15 +338,18 @@ def _own_row_errors(
 
 @register_method("permuquant")
 def permuquant(
-    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str]
+    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str],
+    sites: list[permute.Site] | None = None,
 ) -> Plan:
     """Sort channels by the criterion per site, keep orders that lower the error, absorb them."""
-    perms, site_rows, layer_rows = search_sites(model, calib, config, targets)
+    sites = model_sites(model, sites)
+    perms, site_rows, layer_rows = search_sites(model, calib, config, targets, sites)
     for path, err in rtn_errors(
         model, calib, config, [t for t in targets if t not in layer_rows]
     ).items():
         layer_rows[path] = {"err_rtn": err, "err": err, "accepted": False, "site": None}
     accepted = {k: v for k, v in perms.items() if site_rows[k]["accepted"]}
     return Plan(
-        model=permute.absorb(model, accepted), layers=layer_rows, sites=site_rows, perms=accepted
+        model=permute.absorb(model, accepted, site_list=sites), layers=layer_rows,
+        sites=site_rows, perms=accepted,
     )

@@ -1,11 +1,13 @@
-"""Model-level post-training quantization: `pqjax.quantize(model, calib, QuantConfig(...))`.
+"""The quantization config, and the one place a method's Plan becomes quantized layers.
 
-    calib = pqjax.calibrate(model, batches)
-    qmodel, report = pqjax.quantize(model, calib, QuantConfig(weights="nvfp4", acts="nvfp4"))
-    report.save("out/")        # report.json + per-layer error bar plot
+    config = QuantConfig(weights="int4", group=64, method="permuquant")   # checked when built
+    qmodel = apply_plan(plan, calib, config, targets)       # every Linear at targets -> QuantLinear
 
 Linears matching `config.skip` (embedders and the final projection by default) stay in full
-precision; every other Linear becomes a QuantLinear holding its packed weight.
+precision; every other Linear becomes a QuantLinear holding its packed weight. `pqjax.quantize`
+(in `pqjax.engine`) runs a method block by block and applies each block's Plan here; restoring a
+checkpoint builds the same layers from their recorded layout (`pqjax.checkpoint_layout`).
+Runtime switches (progress bars, the kernel backend) are arguments of the calls, not config.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
-import time
 from typing import Any
 
 import jax.numpy as jnp
@@ -22,12 +23,11 @@ from flax import nnx
 
 from pqjax import formats
 from pqjax.calibrate import Calibration, linears
-from pqjax.layers import BACKENDS, QuantLinear, QuantState
-from pqjax.methods import get_method, method_names
+from pqjax.layers import QuantLinear, QuantState
+from pqjax.methods import Plan, method_spec
 from pqjax.models.family import families
 from pqjax.models.paths import module_at
 from pqjax.permute.criteria import criterion_names
-from pqjax.report import QuantReport
 
 # Kept in 16-bit by default (what SVDQuant-style W4A4 deployments keep too): input and time
 # embedders and the final projection, as every family record's `keep_16bit` lists them with
@@ -38,57 +38,8 @@ DEFAULT_SKIP = tuple(dict.fromkeys(p for fam in families() for p, _ in fam.keep_
 # acts="same" (the default): activations use the weights' format (and group).
 SAME_AS_WEIGHTS = "same"
 
-# Method options (`QuantConfig.options`) the built-in methods read, with the type each must
-# have. A new method's option is added here, so a misspelt name is refused, not ignored.
-OPTION_TYPES: dict[str, tuple[type, ...]] = {
-    "alphas": (tuple, list),  # smoothquant/svdquant/ptq4dit: migration strengths in [0, 1]
-    "block": (int, type(None)),  # hadamard/convrot: rotation block size
-    "damp": (float, int),  # gptq: Hessian damping, a fraction of mean(diag H)
-    "init": (float, int),  # omniquant_lwc: clipping logit at the start
-    "lr": (float, int),  # omniquant_lwc: Adam learning rate
-    "max_block": (int, type(None)),  # permuquant_h: widest rotation block among the candidates
-    "permute": (bool,),  # gptq: also search permutations
-    "rank": (int,),  # svdquant: low-rank branch rank
-    "refine": (int,),  # permuquant_h/_hr: rounds of greedy swaps between groups
-    "rotations": (str,),  # permuquant_h: "search" (joint choice), "rotated" or "fixed"
-    "row_chunk": (int,),  # gptq: rows per Hessian update
-    "seed": (int, type(None)),  # hadamard/convrot: random signs
-    "steps": (int,),  # omniquant_lwc: optimisation steps
-}
-
-
 def _is_number(v: Any) -> bool:
     return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
-
-
-def _check_options(options: Any) -> None:
-    if not isinstance(options, tuple | list):
-        raise ValueError(f"QuantConfig.options must be (name, value) pairs, got {options!r}")
-    seen = set()
-    for pair in options:
-        if not (isinstance(pair, tuple | list) and len(pair) == 2 and isinstance(pair[0], str)):
-            raise ValueError(f"QuantConfig.options: {pair!r} is not a (name, value) pair")
-        name, value = pair
-        if name in seen:
-            raise ValueError(f"QuantConfig.options: {name!r} is given twice")
-        seen.add(name)
-        if name not in OPTION_TYPES:
-            raise ValueError(
-                f"QuantConfig.options: unknown option {name!r}; known: {sorted(OPTION_TYPES)}"
-            )
-        types = OPTION_TYPES[name]
-        ok = isinstance(value, types) and (bool in types or not isinstance(value, bool))
-        if ok and name == "alphas":
-            ok = len(value) > 0 and all(_is_number(a) and 0 <= a <= 1 for a in value)
-        elif ok and _is_number(value) and name != "permute":
-            ok = math.isfinite(value) and (name in ("init", "seed", "refine") or value > 0)
-            ok = ok and (name != "refine" or value >= 0)
-        if not ok:
-            want = "|".join(t.__name__ for t in types)
-            raise ValueError(
-                f"QuantConfig.options: {name}={value!r} is not a valid {want}"
-                + (" (values in [0, 1])" if name == "alphas" else "")
-            )
 
 
 def _check_names(field: str, value: Any, known: list[str], what: str) -> None:
@@ -129,8 +80,10 @@ class QuantConfig:
     default) uses the weights' format. group: group size for INT formats (None: the format's
     default); formats with a fixed group (nvfp4 16, mxfp4 32, fp8, quartz) refuse one.
     method: a name from `pqjax.method_names()`; criterion: a name (or tuple of names) from
-    `pqjax.permute.criterion_names()`; alpha in [0, 1] (or a tuple); options: method-specific
-    (name, value) pairs, names and types from `OPTION_TYPES`. Every field is checked here.
+    `pqjax.permute.criterion_names()`; alpha in [0, 1] (or a tuple); options: (name, value)
+    pairs of the method's own options (`pqjax.methods.method_spec(method).options`, each with
+    its type and default). Every field is checked here, the options against the method's
+    declaration and the formats against what the method can do, before any work.
     """
 
     weights: str | None = "nvfp4"
@@ -141,16 +94,12 @@ class QuantConfig:
     alpha: float | tuple[float, ...] = 0.5
     tau: float = 0.0
     skip: tuple[str, ...] = DEFAULT_SKIP
-    backend: str = "xla"
     seed: int = 0
-    options: tuple[tuple[str, Any], ...] = ()  # method-specific, e.g. (("rank", 32),)
-    progress: bool = True
+    options: tuple[tuple[str, Any], ...] = ()  # the method's, e.g. (("rank", 32),)
 
     def __post_init__(self):
         if self.acts == SAME_AS_WEIGHTS:
             object.__setattr__(self, "acts", self.weights)
-        if self.backend not in BACKENDS:
-            raise ValueError(f"QuantConfig.backend {self.backend!r}: choose one of {BACKENDS}")
         if self.weights is None and self.acts is None:
             raise ValueError("QuantConfig: weights and acts are both None; nothing to quantize")
         if self.group is not None:
@@ -167,10 +116,12 @@ class QuantConfig:
                 )
         self.weight_format()
         self.act_format()
-        if self.method not in _registered_methods(self.method):
-            raise ValueError(
-                f"QuantConfig.method: unknown method {self.method!r}; choose from {method_names()}"
-            )
+        if not isinstance(self.method, str):
+            raise ValueError(f"QuantConfig.method must be a method name, got {self.method!r}")
+        try:
+            spec = method_spec(self.method)
+        except ValueError as e:
+            raise ValueError(f"QuantConfig.method: {e}") from None
         _check_names("criterion", self.criterion, criterion_names(), "criterion")
         _check_alpha(self.alpha)
         if not (_is_number(self.tau) and math.isfinite(self.tau)):
@@ -179,7 +130,24 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.seed must be an int, got {self.seed!r}")
         if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
             raise ValueError(f"QuantConfig.skip must be a tuple of patterns, got {self.skip!r}")
-        _check_options(self.options)
+        spec.check_options(self.options)
+        if spec.check is not None:
+            spec.check(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> QuantConfig:
+        """From its JSON form (`dataclasses.asdict`, lists for tuples); the runtime switches
+        older pqjax kept here (backend, progress) are dropped."""
+        fields = {}
+        for key, value in raw.items():
+            if key in ("backend", "progress"):
+                continue
+            if key == "options":
+                value = tuple(tuple(pair) for pair in value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            fields[key] = value
+        return cls(**fields)
 
     def _format(self, name: str | None) -> formats.Format | None:
         if name is None:
@@ -196,7 +164,13 @@ class QuantConfig:
         return self._format(self.acts)
 
     def option(self, name: str, default: Any = None) -> Any:
-        return dict(self.options).get(name, default)
+        """The value of the method's option `name`: as given, else the method's declared
+        default (else `default`)."""
+        given = dict(self.options)
+        if name in given:
+            return given[name]
+        declared = method_spec(self.method).options.get(name)
+        return default if declared is None else declared.default
 
     @property
     def label(self) -> str:
@@ -215,13 +189,6 @@ class QuantConfig:
         if wf is None or af is None or desc(wf) == desc(af):
             return f"{head} {desc(wf or af)}"
         return f"{head} {desc(wf)} + {desc(af)} acts"
-
-
-def _registered_methods(name: str) -> list[str]:
-    """The registered method names; the baselines are imported only for a name not yet known."""
-    from pqjax.methods import _METHODS
-
-    return list(_METHODS) if name in _METHODS else method_names()
 
 
 def is_skipped(path: str, config: QuantConfig) -> bool:
@@ -243,32 +210,24 @@ def set_module(model: nnx.Module, path: str, new: nnx.Module) -> None:
         setattr(parent, name, new)
 
 
-def quantize(
-    model: nnx.Module, calib: Calibration, config: QuantConfig | None = None
-) -> tuple[nnx.Module, QuantReport]:
-    """Quantize `model` (unchanged) with `config.method`; returns (quantized model, report)."""
-    config = config or QuantConfig()
-    t0 = time.perf_counter()
-    targets = quantizable(model, config)
-    if not targets:
-        raise ValueError(f"no Linear layer left to quantize after skip patterns {config.skip}")
-    plan = get_method(config.method)(model, calib, config, targets)
+def apply_plan(plan: Plan, calib: Calibration, config: QuantConfig, targets: list[str]
+               ) -> nnx.Module:
+    """Turn `plan` into quantized layers: every Linear at `targets` of `plan.model` becomes a
+    QuantLinear of `config`'s formats, with the plan's replacement kernel, pre-rounded weight
+    and extras; the activation global scale comes from the calibrated absmax (`calib`, paths
+    as in `plan.model`). Returns `plan.model`, changed in place. The only place a Linear is
+    quantized."""
     qmodel = plan.model
     wfmt, afmt = config.weight_format(), config.act_format()
+    if wfmt is None:  # activation-only quantization keeps an unquantized weight
+        raise NotImplementedError("weights=None (activation-only) is not supported yet")
     for path in targets:
         lin = module_at(qmodel, path)
         stats = calib.get(path)
         amax = None if stats is None else jnp.max(stats.absmax)
-        if wfmt is None:  # activation-only quantization keeps an unquantized weight
-            raise NotImplementedError("weights=None (activation-only) is not supported yet")
         try:
             q = QuantLinear.from_linear(
-                lin,
-                weights=wfmt,
-                acts=afmt,
-                act_amax=amax,
-                backend=config.backend,
-                kernel=plan.kernels.get(path),
+                lin, weights=wfmt, acts=afmt, act_amax=amax, kernel=plan.kernels.get(path)
             )
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
@@ -293,6 +252,4 @@ def quantize(
         if bad:  # one NaN scale or bias makes every output of the model NaN
             raise ValueError(f"{path}: the quantized layer's {', '.join(bad)} hold NaN or Inf")
         set_module(qmodel, path, q)
-    seconds = time.perf_counter() - t0
-    report = QuantReport.build(model, qmodel, config, plan, seconds, calib=calib)
-    return qmodel, report
+    return qmodel

@@ -10,6 +10,7 @@ import fnmatch
 import json
 import math
 import platform
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,6 @@ from pqjax.models.conv import Conv2d
 from pqjax.models.layers import Linear
 
 if TYPE_CHECKING:
-    from pqjax.calibrate import Calibration
     from pqjax.methods import Plan
     from pqjax.quantize import QuantConfig
 
@@ -108,11 +108,13 @@ def model_order(model: nnx.Module) -> dict[str, int]:
 
 
 def channel_stats(
-    plan: Plan, calib: Calibration, layers: list[dict[str, Any]], group: int, top: int = 4
+    plan: Plan, act_absmax: Mapping[str, Any], layers: list[dict[str, Any]], group: int,
+    top: int = 4,
 ) -> list[dict[str, Any]]:
     """For the `top` accepted sites with the largest gain: the activation absmax per channel
-    of the site's input `(dim,)` (calibration statistics of its first consumer), to plot the
-    groups before and after the permutation (the order itself is in `perms`)."""
+    of the site's input `(dim,)` (calibrated absmax of its first consumer, `act_absmax` by
+    layer path), to plot the groups before and after the permutation (the order itself is in
+    `perms`)."""
     first = {}
     for row in layers:  # model order: the first consumer of each site
         if row.get("site") is not None:
@@ -120,11 +122,12 @@ def channel_stats(
     gains = []
     for site, row in plan.sites.items():
         e_id, e_perm = row.get("err_identity", 0.0), row.get("err_permuted", 0.0)
-        if row.get("accepted") and site in plan.perms and first.get(site) in calib and e_id > 0:
+        if row.get("accepted") and site in plan.perms and first.get(site) in act_absmax \
+                and e_id > 0:
             gains.append(((e_id - e_perm) / e_id, site))
     out = []
     for gain, site in sorted(gains, reverse=True)[:top]:
-        absmax = np.asarray(calib[first[site]].absmax, np.float64)
+        absmax = np.asarray(act_absmax[first[site]], np.float64)
         out.append({"site": site, "consumer": first[site], "gain": float(gain), "group": group,
                     "kind": plan.sites[site].get("kind"), "act_absmax": absmax.tolist()})
     return out
@@ -152,16 +155,16 @@ class QuantReport:
     @classmethod
     def build(
         cls,
-        model: nnx.Module,
         qmodel: nnx.Module,
         config: QuantConfig,
         plan: Plan,
         seconds: float,
-        calib: Calibration | None = None,
+        act_absmax: Mapping[str, Any] | None = None,
     ) -> QuantReport:
-        """calib: the calibration the plan was made on; with it, the report keeps the channel
-        statistics of the most improved sites (`channel_stats`)."""
-        order = model_order(model)
+        """The report of `qmodel` (real or abstract) quantized by `plan`'s rows (absolute
+        paths). act_absmax: the calibrated input absmax per layer path; with it, the report
+        keeps the channel statistics of the most improved sites (`channel_stats`)."""
+        order = model_order(qmodel)
         layers = [{"layer": p, **row} for p, row in plan.layers.items()]
         layers.sort(key=lambda r: order.get(r["layer"], len(order)))  # model order
         sites = [{"site": s, **row} for s, row in plan.sites.items()]
@@ -183,7 +186,7 @@ class QuantReport:
         }
         fmt = config.act_format() or config.weight_format()
         group = (fmt.group_size if fmt is not None else None) or 16
-        stats = [] if calib is None else channel_stats(plan, calib, layers, group)
+        stats = [] if act_absmax is None else channel_stats(plan, act_absmax, layers, group)
         sizes = model_bytes(qmodel)
         sizes["compression_vs_bf16"] = sizes["bf16_bytes"] / max(sizes["quantized_bytes"], 1)
         return cls(

@@ -127,16 +127,28 @@ def _map_limit() -> int:
         return 65530  # Linux's default
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def _release_compiled_programs():
-    """Free the compiled programs when a test file ends with this process's memory maps past
-    a third of the kernel's limit (vm.max_map_count; every file where the count can't be read).
-    A worker that ran hundreds of tests held so many XLA CPU executables that their maps
-    approached the limit (65530 here: 15k maps after three test files) and XLA segfaulted while
-    compiling. Freeing at every file's end instead recompiled the same small programs in every
-    file: 17k compilations of single jax operations, 28% of a cold run's test time."""
+    """Free the compiled programs when a test ends with this process's memory maps past a
+    third of the kernel's limit (vm.max_map_count), and at each test file's end where the
+    count can't be read. A worker that ran hundreds of tests held so many XLA CPU executables
+    that their maps approached the limit (65530 here: 15k maps after three test files) and XLA
+    segfaulted while compiling; one file of every method on three models reached the limit by
+    itself (about 3000 maps per method), so the count is read after every test (a read of
+    /proc/self/maps, milliseconds). Freeing unconditionally instead recompiled the same small
+    programs again and again: 17k compilations of single jax operations, 28% of a cold run's
+    test time, when it was done at every file's end."""
     yield
     maps = _memory_maps()
-    if maps is None or maps > _map_limit() // 3:
+    if maps is not None and maps > _map_limit() // 3:
+        jax.clear_caches()
+        gc.collect()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_where_maps_are_unknown():
+    """Without /proc/self/maps, free the compiled programs at each test file's end."""
+    yield
+    if _memory_maps() is None:
         jax.clear_caches()
         gc.collect()

@@ -112,8 +112,7 @@ def test_a_batch_that_overflows_after_several_is_named(chain):
 
 # ---- the quantizer ---------------------------------------------------------------------
 
-RTN_INT4 = pqjax.QuantConfig(weights="int4", acts="int4", group=32, method="rtn", skip=(),
-                             progress=False)
+RTN_INT4 = pqjax.QuantConfig(weights="int4", acts="int4", group=32, method="rtn", skip=())
 
 
 def test_quantize_refuses_a_nan_bias_naming_the_layer(chain):
@@ -126,8 +125,7 @@ def test_quantize_refuses_a_nan_bias_naming_the_layer(chain):
 def test_quantize_refuses_a_weight_that_overflows_its_format(chain, weights):
     # an INT block scale is float16: 3e38 / qmax saturates at 65504 and the weight is clipped
     chain.b_second.kernel[...] = chain.b_second.kernel[...].at[1, 1].set(3e38)
-    config = pqjax.QuantConfig(weights=weights, acts=None, group=32, method="rtn", skip=(),
-                               progress=False)
+    config = pqjax.QuantConfig(weights=weights, acts=None, group=32, method="rtn", skip=())
     with pytest.raises(ValueError, match=rf"^b_second: {weights}: the weight's largest "
                                          r"magnitude 3e\+38 overflows the format"):
         pqjax.quantize(chain, {}, config)
@@ -138,8 +136,7 @@ def test_quantize_refuses_a_nan_activation_scale(chain):
     stats = calib["b_second"]
     calib["b_second"] = LayerStats(mean_sq=stats.mean_sq, absmax=stats.absmax.at[0].set(jnp.nan),
                                    count=stats.count, rows=stats.rows)
-    config = pqjax.QuantConfig(weights="nvfp4", acts="nvfp4", method="rtn", skip=(),
-                               progress=False)
+    config = pqjax.QuantConfig(weights="nvfp4", acts="nvfp4", method="rtn", skip=())
     with pytest.raises(ValueError, match=r"^b_second: act_global_scale is nan"):
         pqjax.quantize(chain, calib, config)
 
@@ -155,8 +152,7 @@ def test_a_quantized_layer_names_its_non_finite_state(chain):
 
 def test_the_clean_chain_quantizes_to_finite_outputs(chain):
     calib = calibrate(chain, batches(), n_rows=4, progress=False)
-    config = pqjax.QuantConfig(weights="nvfp4", acts="nvfp4", method="rtn", skip=(),
-                               progress=False)
+    config = pqjax.QuantConfig(weights="nvfp4", acts="nvfp4", method="rtn", skip=())
     qmodel, _ = pqjax.quantize(chain, calib, config)
     y = jax.jit(lambda m, x: m(x))(qmodel, batches()[0]["x"])
     assert np.isfinite(np.asarray(y)).all()

@@ -36,7 +36,8 @@ PROBE = textwrap.dedent(
 
     class StepCompiles(logging.Handler):
         def emit(self, record):
-            if "compilation of jit(step)" in record.getMessage():
+            message = record.getMessage()  # the single-device step, the sharded one
+            if "compilation of jit(_observed)" in message or "compilation of jit(step)" in message:
                 compiles.append(record)
 
 

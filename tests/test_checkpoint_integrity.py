@@ -53,8 +53,7 @@ def siblings(out: Path) -> list[str]:
 def pipes():
     """(A, B): the quantized pipeline and a copy whose proj_out bias differs by one."""
     fp = load_pipeline(EMBEDDED)
-    config = pqjax.QuantConfig(weights="int4", acts="int4", group=32, method="rtn",
-                               progress=False)
+    config = pqjax.QuantConfig(weights="int4", acts="int4", group=32, method="rtn")
     a = pqjax.quantize_pipeline(fp, {}, config)
     from flax import nnx
 

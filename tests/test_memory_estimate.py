@@ -33,7 +33,7 @@ def test_quantized_bytes_follow_the_format():
 
 def test_peaks_fit_a_24_gb_gpu(flux_dev):
     peaks = flux_dev.peaks
-    assert peaks["block-wise quantization (device)"] < 24
+    assert peaks["block-by-block quantization (engine, streamed)"] < 24
     assert peaks["inference (quantized transformer + VAE, encoders released)"] < 24
     assert peaks["inference (bf16 transformer + VAE, encoders released)"] > 22
 
@@ -95,4 +95,4 @@ def test_peaks_grow_with_resolution_and_in_memory_exceeds_streamed(flux_dev):
             assert big.peaks[key] > value, key
     peaks = flux_dev.peaks
     assert (peaks["in-memory quantization (bf16 transformer + its quantized copy)"]
-            > peaks["block-wise quantization (device)"])
+            > peaks["block-by-block quantization (engine, streamed)"])

@@ -57,13 +57,27 @@ def test_label_names_what_is_used(kwargs, label):
         (dict(tau=float("nan")), r"tau must be a finite number"),
         (dict(seed=1.5), r"seed must be an int"),
         (dict(skip="proj_out"), r"skip must be a tuple"),
-        (dict(options=(("rnak", 32),)), r"unknown option 'rnak'.*rank"),
-        (dict(options=(("rank", 3.5),)), r"rank=3.5"),
-        (dict(options=(("rank", 0),)), r"rank=0"),
-        (dict(options=(("steps", True),)), r"steps=True"),
-        (dict(options=(("alphas", (0.3, 2.0)),)), r"alphas.*\[0, 1\]"),
-        (dict(options=(("rank", 8), ("rank", 16))), r"'rank' is given twice"),
+        (dict(method="svdquant", options=(("rnak", 32),)),
+         r"unknown option 'rnak' for method 'svdquant'.*rank"),
+        (dict(method="svdquant", options=(("rank", 3.5),)), r"rank=3.5 is not a valid int"),
+        (dict(method="svdquant", options=(("rank", 0),)), r"rank=0 must be > 0"),
+        (dict(method="omniquant_lwc", options=(("steps", True),)), r"steps=True"),
+        (dict(method="omniquant_lwc", options=(("lr", float("inf")),)), r"lr=inf must be fin"),
+        (dict(method="smoothquant", options=(("alphas", (0.3, 2.0)),)), r"alphas.*\[0, 1\]"),
+        (dict(method="svdquant", options=(("rank", 8), ("rank", 16))),
+         r"'rank' is given twice"),
         (dict(options=("rank",)), r"not a \(name, value\) pair"),
+        # typed per method: an option of another method is refused, not ignored
+        (dict(method="permuquant", options=(("rank", 32),)),
+         r"unknown option 'rank' for method 'permuquant'; it takes no options"),
+        (dict(method="hadamard", options=(("refine", 2),)),
+         r"unknown option 'refine' for method 'hadamard'.*\['block', 'seed'\]"),
+        (dict(method="permuquant_h", options=(("rotations", "all"),)),
+         r"rotations='all' must be one of \['search', 'rotated', 'fixed'\]"),
+        (dict(method="permuquant_hr", options=(("refine", -1),)), r"refine=-1 must be >= 0"),
+        # and the formats a method can use
+        (dict(method="quartz"), r"method 'quartz' quantizes with the quartz format"),
+        (dict(method="gptq", weights=None, acts="nvfp4"), r"'gptq' rounds weights"),
     ],
 )
 def test_bad_fields_are_refused_when_built(kwargs, match):
@@ -76,9 +90,10 @@ def test_good_fields_pass():
     QuantConfig(criterion=("activation", "zigzag"), alpha=(0.25, 0.75), tau=-0.1)
     QuantConfig(method="svdquant", options=(("rank", 16), ("alphas", [0.3, 0.5])))
     QuantConfig(method="hadamard", options=(("block", None), ("seed", 3)))
-    # every registered method and criterion is accepted
+    QuantConfig(method="permuquant_hr", options=(("refine", 0), ("max_block", 64)))
+    # every registered method (with formats it can use) and criterion is accepted
     for name in pqjax.method_names():
-        QuantConfig(method=name)
+        QuantConfig(method=name, **({"weights": "quartz"} if name == "quartz" else {}))
     for name in pqjax.permute.criterion_names():
         QuantConfig(criterion=name)
 
@@ -96,3 +111,22 @@ def test_a_new_criterion_is_accepted_once_registered():
         assert QuantConfig(criterion=name).criterion == name
     finally:  # the registry is process-wide: other tests list every criterion
         criteria._CRITERIA.pop(name)
+
+
+def test_an_option_takes_the_methods_declared_default():
+    assert QuantConfig(method="svdquant").option("rank") == 32
+    assert QuantConfig(method="svdquant", options=(("rank", 8),)).option("rank") == 8
+    assert QuantConfig(method="permuquant_hr").option("refine") == 8
+    assert QuantConfig(method="permuquant_h").option("refine") == 0
+    assert QuantConfig().option("rank", "none") == "none"  # not declared by permuquant
+
+
+def test_from_dict_reads_configs_of_older_checkpoints():
+    """Checkpoints written before the runtime switches left the config still restore."""
+    import dataclasses
+
+    raw = {**dataclasses.asdict(QuantConfig(method="svdquant", options=(("rank", 8),))),
+           "backend": "xla", "progress": True}
+    raw = {k: list(v) if isinstance(v, tuple) else v for k, v in raw.items()}
+    raw["options"] = [list(p) for p in raw["options"]]
+    assert QuantConfig.from_dict(raw) == QuantConfig(method="svdquant", options=(("rank", 8),))

@@ -38,7 +38,7 @@ def calibrated(tmp_path_factory):
 )
 def test_every_layer_is_at_least_as_good_as_rtn(calibrated, weights, group):
     model, calib, _ = calibrated
-    cfg = pqjax.QuantConfig(weights=weights, acts=weights, group=group, progress=False)
+    cfg = pqjax.QuantConfig(weights=weights, acts=weights, group=group)
     _, report = pqjax.quantize(model, calib, cfg)
     assert len(report.layers) == len(quantizable(model, cfg))
     for r in report.layers:
@@ -59,7 +59,7 @@ def test_every_layer_is_at_least_as_good_as_rtn(calibrated, weights, group):
 
 def test_rtn_and_permuquant_models(calibrated, tmp_path):
     model, calib, data = calibrated
-    qmodel, report = pqjax.quantize(model, calib, pqjax.QuantConfig(method="rtn", progress=False))
+    qmodel, report = pqjax.quantize(model, calib, pqjax.QuantConfig(method="rtn"))
     assert isinstance(permute.module_at(qmodel, "transformer_blocks.0.attn.to_q"), QuantLinear)
     # skipped layers stay full precision; the input model is untouched
     assert type(qmodel.x_embedder) is Linear and type(qmodel.proj_out) is Linear
@@ -77,7 +77,7 @@ def test_rtn_and_permuquant_models(calibrated, tmp_path):
 
 def test_backends_agree_bit_for_bit(calibrated):
     model, calib, data = calibrated
-    qmodel, _ = pqjax.quantize(model, calib, pqjax.QuantConfig(progress=False))
+    qmodel, _ = pqjax.quantize(model, calib, pqjax.QuantConfig())
     a = np.asarray(qmodel(**data[1]))
     pqjax.set_backend(qmodel, "xla_packed")
     b = np.asarray(qmodel(**data[1]))
@@ -88,7 +88,7 @@ def test_backends_agree_bit_for_bit(calibrated):
 
 def test_report_round_trip_keeps_the_orders(calibrated, tmp_path):
     model, calib, _ = calibrated
-    cfg = pqjax.QuantConfig(weights="int4", acts="int4", group=64, progress=False)
+    cfg = pqjax.QuantConfig(weights="int4", acts="int4", group=64)
     _, report = pqjax.quantize(model, calib, cfg)
     report.save(tmp_path)
     loaded = QuantReport.load(tmp_path / "report.json")
@@ -99,8 +99,6 @@ def test_report_round_trip_keeps_the_orders(calibrated, tmp_path):
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="backend"):
-        pqjax.QuantConfig(backend="gpu")
     with pytest.raises(ValueError, match="nvfp4"):
         pqjax.QuantConfig(weights="nvfp5")
     with pytest.raises(ValueError, match="unknown method 'best'.*permuquant"):

@@ -102,7 +102,7 @@ class Calibrated:
         if (label, method) not in self._runs:
             weights, group = FORMATS[label]
             cfg = pqjax.QuantConfig(
-                weights=weights, acts=weights, group=group, method=method, progress=False
+                weights=weights, acts=weights, group=group, method=method
             )
             assert cfg.label == label
             qmodel, report = pqjax.quantize(self.model, self.calib, cfg)
@@ -127,7 +127,7 @@ def test_permuquant_and_rtn(calibrated, label, tmp_path):
     reports = {}
     for method in ("rtn", "permuquant"):
         qmodel, report, err = c.run(label, method)
-        targets = quantizable(c.model, pqjax.QuantConfig(progress=False))
+        targets = quantizable(c.model, pqjax.QuantConfig())
         assert {r["layer"] for r in report.layers} == set(targets)
         assert all(isinstance(permute.module_at(qmodel, t), QuantLinear) for t in targets)
         # quantized for real, and still close to full precision
@@ -169,7 +169,7 @@ def test_sana_depthwise_convs_stay_16bit(calibrated):
     assert kept["proj_out"] == "skip pattern 'proj_out'"
     assert kept["time_embed.linear"] == "skip pattern 'time_embed.*'"
     # nothing quantized is listed, nothing 16-bit is missing
-    targets = set(quantizable(model, pqjax.QuantConfig(progress=False)))
+    targets = set(quantizable(model, pqjax.QuantConfig()))
     assert targets.isdisjoint(kept)
     assert {p for p, _ in linears(model)} - targets <= set(kept)
 
@@ -180,7 +180,7 @@ def test_smoothquant_plan_is_exact_with_glu_gates(calibrated):
     from pqjax.methods import get_method
     from tests.baselines.conftest import plan_model
 
-    cfg = pqjax.QuantConfig(weights="nvfp4", acts="nvfp4", method="smoothquant", progress=False)
+    cfg = pqjax.QuantConfig(weights="nvfp4", acts="nvfp4", method="smoothquant")
     plan = get_method("smoothquant")(
         calibrated.model, calibrated.calib, cfg, quantizable(calibrated.model, cfg)
     )

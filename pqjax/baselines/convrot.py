@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 
 from flax import nnx
 
-from pqjax.baselines.hadamard import rotation_plan
+from pqjax import permute
+from pqjax.baselines.hadamard import ROTATION_OPTIONS, rotation_plan
 from pqjax.calibrate import Calibration
 from pqjax.methods import Plan, register_method
 
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
     from pqjax.quantize import QuantConfig
 
 
-@register_method("convrot")
-def convrot(model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str]) -> Plan:
+@register_method("convrot", options=ROTATION_OPTIONS)
+def convrot(model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str],
+            sites: list[permute.Site] | None = None) -> Plan:
     """Regular block Hadamard per group, folded into the weights and applied online, then RTN."""
     return rotation_plan(model, calib, config, targets, "regular_hadamard")

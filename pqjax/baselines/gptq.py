@@ -32,7 +32,15 @@ from jax import lax
 
 from pqjax import formats, permute
 from pqjax.calibrate import Calibration
-from pqjax.methods import Plan, kernel_of, register_method, rtn_errors, search_sites
+from pqjax.methods import (
+    Option,
+    Plan,
+    kernel_of,
+    model_sites,
+    register_method,
+    rtn_errors,
+    search_sites,
+)
 
 if TYPE_CHECKING:
     from pqjax.quantize import QuantConfig
@@ -207,28 +215,26 @@ def gptq_plan(
     calib: Calibration,
     config: QuantConfig,
     targets: list[str],
+    sites: list[permute.Site] | None = None,
     *,
     with_permutation: bool,
 ) -> Plan:
     wfmt, afmt = config.weight_format(), config.act_format()
-    if wfmt is None:
-        raise ValueError("gptq rounds weights: config.weights must be a format")
-    damp = float(config.option("damp", 0.01))
-    row_chunk = int(config.option("row_chunk", ROW_CHUNK))
+    damp = float(config.option("damp"))
+    row_chunk = int(config.option("row_chunk"))
     rtn = rtn_errors(model, calib, config, targets)
     site_rows: dict[str, dict[str, Any]] = {}
     perm_layers: dict[str, dict[str, Any]] = {}
     perms: dict[str, np.ndarray] = {}
     order: dict[str, np.ndarray] = {}  # consumer -> the order its input rows are read in
     if with_permutation:
-        found, site_rows, perm_layers = search_sites(
-            model, calib, config, targets, desc="permute+gptq"
-        )
+        sites = model_sites(model, sites)
+        found, site_rows, perm_layers = search_sites(model, calib, config, targets, sites)
         perms = {k: v for k, v in found.items() if site_rows[k]["accepted"]}
-        for site in permute.sites(model):
+        for site in sites:
             for c in site.consumers if site.name in perms else ():
                 order[c] = perms[site.name]
-        model = permute.absorb(model, perms)
+        model = permute.absorb(model, perms, site_list=sites)
     else:
         model = nnx.clone(model)
     qweights, layers = {}, {}
@@ -253,17 +259,36 @@ def gptq_plan(
     return Plan(model=model, qweights=qweights, layers=layers, sites=site_rows, perms=perms)
 
 
-@register_method("gptq")
-def gptq(model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str]) -> Plan:
+def weights_quantized(config: QuantConfig) -> None:
+    """The check of the methods that round weights: the config must quantize them."""
+    if config.weights is None:
+        raise ValueError(f"QuantConfig.method {config.method!r} rounds weights: "
+                         "QuantConfig.weights must be a format")
+
+
+GPTQ_OPTIONS = {
+    "damp": Option((float, int), 0.01, "Hessian damping, a fraction of mean(diag H)",
+                   positive=True),
+    "row_chunk": Option(int, ROW_CHUNK, "output channels per GPTQ call", positive=True),
+}
+
+
+@register_method("gptq", check=weights_quantized, options={
+    **GPTQ_OPTIONS,
+    "permute": Option(bool, False, "also search PermuQuant's channel orders first"),
+})
+def gptq(model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str],
+         sites: list[permute.Site] | None = None) -> Plan:
     """GPTQ weights (Hessian-compensated rounding), RTN activations; option permute=True."""
     return gptq_plan(
-        model, calib, config, targets, with_permutation=bool(config.option("permute", False))
+        model, calib, config, targets, sites, with_permutation=bool(config.option("permute"))
     )
 
 
-@register_method("permuquant_gptq")
+@register_method("permuquant_gptq", check=weights_quantized, options=GPTQ_OPTIONS)
 def permuquant_gptq(
-    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str]
+    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str],
+    sites: list[permute.Site] | None = None,
 ) -> Plan:
     """PermuQuant's accepted channel orders, then GPTQ on the absorbed model."""
-    return gptq_plan(model, calib, config, targets, with_permutation=True)
+    return gptq_plan(model, calib, config, targets, sites, with_permutation=True)

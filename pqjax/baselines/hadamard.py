@@ -48,14 +48,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from pqjax import permute, rotate
 from pqjax.calibrate import Calibration
-from pqjax.methods import Plan, kernel_of, register_method, rtn_errors
+from pqjax.methods import Option, Plan, kernel_of, model_sites, register_method, rtn_errors
 
 if TYPE_CHECKING:
     from pqjax.quantize import QuantConfig
+
+
+# The options of the rotation methods (`QuantConfig.options`).
+ROTATION_OPTIONS = {
+    "block": Option((int, type(None)), None, "rotation block size (None: from the group)",
+                    positive=True),
+    "seed": Option((int, type(None)), None, "random signs on the rotation (None: none)"),
+}
+JOINT_OPTIONS = {
+    **ROTATION_OPTIONS,
+    "rotations": Option(str, "search", "'search' (joint choice), 'rotated' or 'fixed'",
+                        choices=("search", "rotated", "fixed")),
+    "max_block": Option((int, type(None)), None, "widest rotation block among the candidates",
+                        positive=True),
+    "refine": Option(int, 0, "rounds of greedy swaps between groups", nonnegative=True),
+}
 
 
 def transform_for(config: QuantConfig, d_in: int, kind: str) -> str:
@@ -116,9 +131,10 @@ def rotation_plan(
     return plan
 
 
-@register_method("hadamard")
+@register_method("hadamard", options=ROTATION_OPTIONS)
 def hadamard(
-    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str]
+    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str],
+    sites: list[permute.Site] | None = None,
 ) -> Plan:
     """Block Hadamard of each group folded into the weights and applied online, then RTN."""
     return rotation_plan(model, calib, config, targets, "hadamard")
@@ -131,14 +147,10 @@ def rotation_candidates(config: QuantConfig, d_in: int) -> tuple[str | None, ...
     rotation on every layer that has a legal block, its kind and block chosen); "fixed" the
     in-group block
     Hadamard (`transform_for`), as before the joint choice."""
-    mode = config.option("rotations", "search")
+    mode = config.option("rotations")
     if mode == "fixed" or config.option("block") is not None:
         fixed = transform_for(config, d_in, "hadamard")
         return (fixed,) if mode == "fixed" else (None, fixed)
-    if mode not in ("search", "rotated"):
-        raise ValueError(
-            f"permuquant_h: option rotations={mode!r}; choose 'search', 'rotated' or 'fixed'"
-        )
     groups = [f.group_size for f in (config.weight_format(), config.act_format()) if f]
     group = min((g for g in groups if g), default=None)
     names = rotate.candidates(group, d_in, max_block=config.option("max_block"))
@@ -189,7 +201,7 @@ def _row(res: permute.SearchResult, err_ref: float, err: float) -> dict[str, Any
 
 def joint_search(
     model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str],
-    refine: int = 0,
+    sites: list[permute.Site] | None = None, refine: int = 0,
 ) -> tuple[dict[str, np.ndarray], dict[str, str | None], dict, dict]:
     """The joint (rotation, order) choice at every site with a quantized consumer, and the
     rotation choice (order fixed) for every target no site reads.
@@ -198,14 +210,15 @@ def joint_search(
     path (None: none), site report, layer report). One rotation per site, shared by its
     consumers; errors on calibration rows; err_reference is the error of the reference (RTN
     for the default candidates, which start with None). refine: rounds of greedy swaps between
-    groups (`permute.refine`) scored as one more order at every site.
+    groups (`permute.refine`) scored as one more order at every site. sites: see
+    `pqjax.methods` (None: the model's own).
     """
     wfmt, afmt = config.weight_format(), config.act_format()
     kw = dict(weights=wfmt, acts=afmt, alpha=config.alpha, tau=config.tau)
     wanted = set(targets)
     perms, rotations, site_rows, layer_rows = {}, {}, {}, {}
-    todo = [s for s in permute.sites(model) if wanted.intersection(s.consumers)]
-    for i, site in enumerate(tqdm(todo, desc="permute+rotate", disable=not config.progress)):
+    todo = [s for s in model_sites(model, sites) if wanted.intersection(s.consumers)]
+    for i, site in enumerate(todo):
         stats = calib.get(site.consumers[0])
         if stats is None:
             continue
@@ -243,29 +256,37 @@ def joint_search(
     return perms, rotations, site_rows, layer_rows
 
 
-@register_method("permuquant_h")
+@register_method("permuquant_h", options=JOINT_OPTIONS)
 def permuquant_h(
-    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str]
+    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str],
+    sites: list[permute.Site] | None = None,
 ) -> Plan:
     """The best (rotation, order) pair per site by PermuQuant's acceptance rule, absorbed and
     folded, then RTN (see the module docstring)."""
-    return joint_plan(model, calib, config, targets, refine=int(config.option("refine", 0)))
+    return joint_plan(model, calib, config, targets, sites, refine=int(config.option("refine")))
 
 
-@register_method("permuquant_hr")
+@register_method("permuquant_hr", options={
+    **JOINT_OPTIONS,
+    "refine": Option(int, 8, "rounds of greedy swaps between groups", nonnegative=True),
+})
 def permuquant_hr(
-    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str]
+    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str],
+    sites: list[permute.Site] | None = None,
 ) -> Plan:
     """permuquant_h with the search beyond sorting: greedy swaps between groups from the best
     sorted order (option "refine": rounds, default 8), one more order for the joint choice."""
-    return joint_plan(model, calib, config, targets, refine=int(config.option("refine", 8)))
+    return joint_plan(model, calib, config, targets, sites, refine=int(config.option("refine")))
 
 
 def joint_plan(
-    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str], refine: int
+    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str],
+    sites: list[permute.Site] | None, refine: int,
 ) -> Plan:
-    perms, rotations, site_rows, layer_rows = joint_search(model, calib, config, targets, refine)
-    absorbed = permute.absorb(model, perms)
+    sites = model_sites(model, sites)
+    perms, rotations, site_rows, layer_rows = joint_search(model, calib, config, targets, sites,
+                                                           refine)
+    absorbed = permute.absorb(model, perms, site_list=sites)
     rtn = rtn_errors(model, calib, config, targets)
     plan = Plan(model=absorbed, sites=site_rows, perms=perms)
     for path in targets:

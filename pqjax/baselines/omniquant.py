@@ -29,9 +29,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pqjax import formats
+from pqjax import formats, permute
+from pqjax.baselines.gptq import weights_quantized
 from pqjax.calibrate import Calibration
-from pqjax.methods import Plan, kernel_of, register_method, rtn_errors
+from pqjax.methods import Option, Plan, kernel_of, register_method, rtn_errors
 
 if TYPE_CHECKING:
     from pqjax.quantize import QuantConfig
@@ -155,18 +156,21 @@ def lwc_layer(
     return wc.T.astype(w.dtype), {**info, "fallback": False, "err": float(err)}
 
 
-@register_method("omniquant_lwc")
+@register_method("omniquant_lwc", check=weights_quantized, options={
+    "steps": Option(int, 200, "Adam steps per layer", positive=True),
+    "lr": Option((float, int), 1e-2, "Adam learning rate", positive=True),
+    "init": Option((float, int), 4.0, "clipping logit at the start (sigmoid(4) ~ 0.98)"),
+})
 def omniquant_lwc(
-    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str]
+    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str],
+    sites: list[permute.Site] | None = None,
 ) -> Plan:
     """Learnable weight clipping per layer; the clipped kernels go to Plan.kernels."""
     wfmt, afmt = config.weight_format(), config.act_format()
-    if wfmt is None:
-        raise ValueError("omniquant_lwc clips weights: config.weights must be a format")
     opts = {
-        "steps": int(config.option("steps", 200)),
-        "lr": float(config.option("lr", 1e-2)),
-        "init": float(config.option("init", 4.0)),
+        "steps": int(config.option("steps")),
+        "lr": float(config.option("lr")),
+        "init": float(config.option("init")),
     }
     rtn = rtn_errors(model, calib, config, targets)
     kernels, layers = {}, {}

@@ -98,6 +98,7 @@ def ssc_candidates(
 
 
 @register_method("ptq4dit")
-def ptq4dit(model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str]) -> Plan:
+def ptq4dit(model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str],
+            sites: list[Site] | None = None) -> Plan:
     """CSB balancing b = sqrt(s_rho(X) / s(W)) per site with SSC timestep weighting."""
-    return smoothing_plan(model, calib, config, targets, ssc_candidates)
+    return smoothing_plan(model, calib, config, targets, ssc_candidates, sites=sites)

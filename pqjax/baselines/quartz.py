@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from flax import nnx
 
-from pqjax import formats
+from pqjax import formats, permute
 from pqjax.calibrate import Calibration
 from pqjax.formats.quartz import QuartzFormat
 from pqjax.methods import Plan, register_method, rtn
@@ -45,9 +45,8 @@ def quartz_config(config: QuantConfig | None = None, name: str = "quartz") -> Qu
     )
 
 
-@register_method("quartz")
-def quartz(model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str]) -> Plan:
-    """Round-to-nearest with the quartz format (the config must name quartz formats)."""
+def quartz_formats(config: QuantConfig) -> None:
+    """The check of method "quartz": both quantized sides name quartz formats."""
     for side, fmt in (("weights", config.weight_format()), ("acts", config.act_format())):
         if fmt is not None and not isinstance(fmt, QuartzFormat):
             raise ValueError(
@@ -56,4 +55,10 @@ def quartz(model: nnx.Module, calib: Calibration, config: QuantConfig, targets: 
                 "pqjax.baselines.quartz.quartz_config(config), or weights='quartz', "
                 "acts='quartz'."
             )
-    return rtn(model, calib, config, targets)
+
+
+@register_method("quartz", check=quartz_formats)
+def quartz(model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str],
+           sites: list[permute.Site] | None = None) -> Plan:
+    """Round-to-nearest with the quartz format (the config must name quartz formats)."""
+    return rtn(model, calib, config, targets, sites)

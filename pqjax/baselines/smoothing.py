@@ -29,7 +29,7 @@ from flax import nnx
 
 from pqjax import formats, permute
 from pqjax.calibrate import Calibration, LayerStats
-from pqjax.methods import Plan, kernel_of, register_method, rtn_errors
+from pqjax.methods import Option, Plan, kernel_of, model_sites, register_method, rtn_errors
 from pqjax.models.layers import Linear
 from pqjax.models.paths import module_at
 from pqjax.permute.sites import Edit, Site
@@ -226,10 +226,12 @@ def smoothed_error(
 # The shared driver
 
 
-def plan_sites(model: nnx.Module, targets: Sequence[str]) -> tuple[list[Site], list[Site]]:
-    """(the model's sites, one online-only site per target that no site covers)."""
+def plan_sites(model: nnx.Module, targets: Sequence[str], sites: list[Site] | None = None
+               ) -> tuple[list[Site], list[Site]]:
+    """(the sites given, or the model's own, and one online-only site per target that no site
+    covers)."""
     try:
-        real = permute.sites(model)
+        real = model_sites(model, sites)
     except TypeError:  # a model without declared sites: every layer smooths online
         real = []
     covered = {c for s in real for c in s.consumers}
@@ -265,15 +267,17 @@ def smoothing_plan(
     candidates: Candidates,
     *,
     rank: int = 0,
+    sites: list[Site] | None = None,
 ) -> Plan:
     """Pick a scale per site among `candidates`, fold or set it online, report the errors.
 
     rank > 0 also splits each smoothed kernel into a top-rank SVD branch (Plan.extras
-    "low_rank") and a residual to quantize (Plan.kernels): SVDQuant.
+    "low_rank") and a residual to quantize (Plan.kernels): SVDQuant. sites: see
+    `pqjax.methods` (None: the model's own).
     """
     wfmt, afmt = config.weight_format(), config.act_format()
     wanted = set(targets)
-    real, extra = plan_sites(model, targets)
+    real, extra = plan_sites(model, targets, sites)
     chosen: dict[str, tuple[Site, np.ndarray]] = {}
     site_rows: dict[str, dict[str, Any]] = {}
     for site in real + extra:
@@ -344,6 +348,10 @@ def smoothing_plan(
     return Plan(model=smoothed, kernels=kernels, extras=extras, layers=layers, sites=site_rows)
 
 
+ALPHAS = Option((tuple, list), DEFAULT_ALPHAS, "migration strengths to search, in [0, 1]",
+               unit=True)
+
+
 def alpha_grid(config: QuantConfig) -> tuple[float, ...]:
     """The migration strengths to search: `config.option("alphas")`, default 0.3..0.8."""
     return tuple(float(a) for a in config.option("alphas", DEFAULT_ALPHAS))
@@ -356,13 +364,15 @@ def alpha_candidates(alphas: Sequence[float]) -> Candidates:
     return candidates
 
 
-@register_method("smoothquant")
+@register_method("smoothquant", options={"alphas": ALPHAS})
 def smoothquant(
-    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str]
+    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str],
+    sites: list[Site] | None = None,
 ) -> Plan:
     """SmoothQuant: s_j = max|x_j|^a / max|W_j|^(1-a) per site, a searched on calibration rows.
 
     W_j is row j of every consumer's kernel; a is chosen per site from `config.option("alphas")`
     by the lowest summed W/A-quantized output error of the site's quantized consumers.
     """
-    return smoothing_plan(model, calib, config, targets, alpha_candidates(alpha_grid(config)))
+    return smoothing_plan(model, calib, config, targets, alpha_candidates(alpha_grid(config)),
+                          sites=sites)

@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING
 
 from flax import nnx
 
-from pqjax.baselines.smoothing import alpha_candidates, alpha_grid, smoothing_plan
+from pqjax import permute
+from pqjax.baselines.smoothing import ALPHAS, alpha_candidates, alpha_grid, smoothing_plan
 from pqjax.calibrate import Calibration
-from pqjax.methods import Plan, register_method
+from pqjax.methods import Option, Plan, register_method
 
 if TYPE_CHECKING:
     from pqjax.quantize import QuantConfig
@@ -32,16 +33,19 @@ if TYPE_CHECKING:
 DEFAULT_RANK = 32
 
 
-@register_method("svdquant")
+@register_method("svdquant", options={
+    "alphas": ALPHAS,
+    "rank": Option(int, DEFAULT_RANK, "rank of the 16-bit low-rank branch", positive=True),
+})
 def svdquant(
-    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str]
+    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str],
+    sites: list[permute.Site] | None = None,
 ) -> Plan:
     """Smoothing (a searched per site) + top-rank SVD branch in 16 bits + quantized residual."""
-    rank = int(config.option("rank", DEFAULT_RANK))
-    if rank < 0:
-        raise ValueError(f"svdquant: rank must be >= 0, got {rank}")
+    rank = int(config.option("rank"))
     plan = smoothing_plan(
-        model, calib, config, targets, alpha_candidates(alpha_grid(config)), rank=rank
+        model, calib, config, targets, alpha_candidates(alpha_grid(config)), rank=rank,
+        sites=sites,
     )
     for path, row in plan.layers.items():
         lr = plan.extras.get(path, {}).get("low_rank")

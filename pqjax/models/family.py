@@ -4,6 +4,7 @@
     fam = family_of(model)               # by module class (the embedded model is a FLUX)
     [f.name for f in families()]         # ['flux', 'sana', 'zimage']
     fam.sites(model); fam.keep_16bit; fam.block_lists; fam.image_tokens(config, 1024, 1024)
+    carry = fam.runner.embed(model, **batch)        # how to run the model one block at a time
 
 Discovery: every module `pqjax/models/<name>_family.py` defines `FAMILY = Family(...)`, found
 by name; nothing else lists the families. Adding a model is its model file, its key map in
@@ -20,9 +21,40 @@ import pkgutil
 from collections.abc import Callable
 from typing import Any
 
+import jax
 from flax import nnx
 
 from pqjax.models.sites import Site
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """A hashable Python value (sizes, a patch key) carried between blocks: part of a carry's
+    tree structure, not a leaf, so a jitted block sees it as a constant."""
+
+    value: Any
+
+
+Carry = dict[str, Any]  # what flows between blocks: arrays, tuples of arrays, Static values
+
+
+@dataclasses.dataclass(frozen=True)
+class Runner:
+    """How to run a transformer one block at a time (every function traceable by jit).
+
+    embed(model, **inputs) -> carry: the model's inputs (its calibration batches' keywords)
+    to what the first block reads; only the layers outside the block lists run. block(block,
+    list_name, carry) -> carry: one block of list `list_name`. enter(list_name, carry) ->
+    carry: what happens before the first block of a list (Z-Image joins image and caption
+    tokens before its main layers). head(model, carry) -> the model's output, from the last
+    block's carry. `embed`, the blocks in order and `head` compute the model's own forward.
+    """
+
+    embed: Callable[..., Carry]
+    block: Callable[[nnx.Module, str, Carry], Carry]
+    head: Callable[[nnx.Module, Carry], Any]
+    enter: Callable[[str, Carry], Carry] = lambda list_name, carry: carry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +102,12 @@ class Family:
     saved_parts: ((class name, "module:class"), ...): the pipeline parts besides the
     transformer that a pqjax checkpoint of this family holds, each with `save(folder)` and
     `load(folder)` (or a whole-pipeline `save_parts` / `load_parts`); named, not imported.
+    runner: how to run the model one block at a time (`Runner`), which the quantization
+    engine (`pqjax.engine`) uses to calibrate and quantize block by block.
+    cross_block_layers: path globs of the Linears that read a site spanning blocks (FLUX's
+    temb, SANA's caption norm, Z-Image's t-embedding); the engine quantizes them after the
+    blocks, all at once, and `estimate_memory` sizes that step from them without building a
+    module (tests/models/test_family.py holds them equal to the sites').
     """
 
     name: str
@@ -83,6 +121,8 @@ class Family:
     block_lists: tuple[str, ...]
     memory: Callable[[Any, str], FamilyMemory]
     presets: Callable[[], dict[str, dict[str, Any]]]
+    runner: Runner | None = None
+    cross_block_layers: tuple[str, ...] = ()
     saved_parts: tuple[tuple[str, str], ...] = ()
 
     def image_tokens(self, config: Any, height: int, width: int) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pqjax.models.family import Family, FamilyMemory
+from pqjax.models.family import Carry, Family, FamilyMemory, Runner
 from pqjax.models.flux import FluxConfig, FluxTransformer2DModel
 from pqjax.models.sites import Site, linear_out, modulation
 
@@ -94,6 +94,26 @@ KEEP_16BIT = (
 )
 
 
+def flux_embed(model: FluxTransformer2DModel, **inputs: Any) -> Carry:
+    """diffusers' forward keywords -> what the blocks read (x, context, temb, rope)."""
+    x, context, temb, rope = model.embed(**{k: inputs.get(k) for k in EMBED_INPUTS})
+    return {"x": x, "context": context, "temb": temb, "rope": rope}
+
+
+EMBED_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
+                "img_ids", "txt_ids", "guidance")
+
+
+def flux_block(block: Any, list_name: str, carry: Carry) -> Carry:
+    """A double or a single block: both map (x, context) to the next pair."""
+    context, x = block(carry["x"], carry["context"], carry["temb"], carry["rope"])
+    return {**carry, "x": x, "context": context}
+
+
+def flux_head(model: FluxTransformer2DModel, carry: Carry) -> Any:
+    return model.proj_out(model.norm_out(carry["x"], carry["temb"]))
+
+
 def flux_memory(c: FluxConfig, preset: str) -> FamilyMemory:
     dim = c.inner_dim
     return FamilyMemory(
@@ -130,6 +150,10 @@ FAMILY = Family(
     block_lists=("transformer_blocks", "single_transformer_blocks"),
     memory=flux_memory,
     presets=flux_presets,
+    runner=Runner(embed=flux_embed, block=flux_block, head=flux_head),
+    cross_block_layers=("transformer_blocks.*.norm1.linear",
+                        "transformer_blocks.*.norm1_context.linear",
+                        "single_transformer_blocks.*.norm.linear", "norm_out.linear"),
     saved_parts=(("PromptTable", "pqjax.models.text_table:PromptTable"),
                  ("IdentityDecoder", "pqjax.pipelines.pipeline:IdentityDecoder"),
                  ("FluxTextEncoders", "pqjax.pipelines.flux:FluxTextEncoders"),

@@ -332,7 +332,7 @@ class SanaTransformer2DModel(nnx.Module):
         Returns `(b, out_channels, H//p*p, W//p*p)` NCHW.
         """
         del attention_mask
-        b, _, height, width = hidden_states.shape
+        _, _, height, width = hidden_states.shape
         p = self.config.patch_size
         hp, wp = height // p, width // p
         x, context, bias, temb, embedded = self.embed(
@@ -342,6 +342,11 @@ class SanaTransformer2DModel(nnx.Module):
             x = block(x, context, bias, temb, hp, wp)
             if controlnet_block_samples is not None and 0 < i <= len(controlnet_block_samples):
                 x = x + controlnet_block_samples[i - 1]
+        return self.head(x, embedded, hp, wp)
+
+    def head(self, x: jax.Array, embedded: jax.Array, hp: int, wp: int) -> jax.Array:
+        """The last block's tokens `(b, hp * wp, dim)` -> the output `(b, c, hp p, wp p)`."""
+        b, p = x.shape[0], self.config.patch_size
         x = self.proj_out(self.norm_out(x, embedded, self.scale_shift_table[...]))
         x = x.reshape(b, hp, wp, p, p, -1)
         # (b, hp, wp, p, p, c) -> (b, c, hp, p, wp, p): diffusers' unpatchify.

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pqjax.models.family import Family, FamilyMemory
+from pqjax.models.family import Carry, Family, FamilyMemory, Runner, Static
 from pqjax.models.paths import module_at
 from pqjax.models.sana import SanaConfig, SanaTransformer2DModel
 from pqjax.models.sites import Edit, Site, linear_out
@@ -125,6 +125,28 @@ KEEP_16BIT = (
 )
 
 
+def sana_embed(model: SanaTransformer2DModel, hidden_states: Any, encoder_hidden_states: Any,
+               timestep: Any, guidance: Any = None, encoder_attention_mask: Any = None
+               ) -> Carry:
+    """diffusers' forward keywords -> what the blocks read; the token grid rides along."""
+    x, context, bias, temb, embedded = model.embed(
+        hidden_states, encoder_hidden_states, timestep, guidance, encoder_attention_mask)
+    p = model.config.patch_size
+    grid = (hidden_states.shape[2] // p, hidden_states.shape[3] // p)
+    return {"x": x, "context": context, "bias": bias, "temb": temb, "embedded": embedded,
+            "grid": Static(grid)}
+
+
+def sana_block(block: Any, list_name: str, carry: Carry) -> Carry:
+    hp, wp = carry["grid"].value
+    return {**carry, "x": block(carry["x"], carry["context"], carry["bias"], carry["temb"],
+                                hp, wp)}
+
+
+def sana_head(model: SanaTransformer2DModel, carry: Carry) -> Any:
+    return model.head(carry["x"], carry["embedded"], *carry["grid"].value)
+
+
 def sana_memory(c: SanaConfig, preset: str) -> FamilyMemory:
     dim, hidden = c.inner_dim, int(c.mlp_ratio * c.inner_dim)
     return FamilyMemory(
@@ -156,5 +178,7 @@ FAMILY = Family(
     block_lists=("transformer_blocks",),
     memory=sana_memory,
     presets=sana_presets,
+    runner=Runner(embed=sana_embed, block=sana_block, head=sana_head),
+    cross_block_layers=("transformer_blocks.*.attn2.to_k", "transformer_blocks.*.attn2.to_v"),
     saved_parts=(("SanaTextToImage", "pqjax.pipelines.sana_pipeline:SanaTextToImage"),),
 )

@@ -55,9 +55,12 @@ from pqjax.models.zimage_blocks import (
     FinalLayer,
     TimestepEmbedder,
     ZImageTransformerBlock,
+    grid_ids,
+    patchify,
     rope_cos_sin,
     round_up,
     run_sequential,
+    unpatchify,
 )
 
 
@@ -151,30 +154,6 @@ PRESETS: dict[str, ZImageConfig] = {
 }
 
 
-def patchify(latents: jax.Array, p: int, pf: int) -> jax.Array:
-    """`(B, C, F, H, W)` -> `(B, F/pf * H/p * W/p, pf * p * p * C)`, tokens in (f, h, w) order."""
-    b, c, f, h, w = latents.shape
-    x = latents.reshape(b, c, f // pf, pf, h // p, p, w // p, p)
-    x = x.transpose(0, 2, 4, 6, 3, 5, 7, 1)
-    return x.reshape(b, (f // pf) * (h // p) * (w // p), pf * p * p * c)
-
-
-def unpatchify(tokens: jax.Array, size: tuple[int, int, int], p: int, pf: int) -> jax.Array:
-    """`(B, >= n, pf * p * p * C)` -> `(B, C, F, H, W)`, reading the first n = F/pf*H/p*W/p."""
-    f, h, w = size
-    b = tokens.shape[0]
-    ft, ht, wt = f // pf, h // p, w // p
-    x = tokens[:, : ft * ht * wt].reshape(b, ft, ht, wt, pf, p, p, -1)
-    x = x.transpose(0, 7, 1, 4, 2, 5, 3, 6)
-    return x.reshape(b, x.shape[1], f, h, w)
-
-
-def grid_ids(ft: int, ht: int, wt: int) -> np.ndarray:
-    """`(ft * ht * wt, 3)` int32 (f, h, w) coordinates in token order."""
-    grids = np.meshgrid(np.arange(ft), np.arange(ht), np.arange(wt), indexing="ij")
-    return np.stack(grids, axis=-1).reshape(-1, 3).astype(np.int32)
-
-
 class ZImageTransformer2DModel(nnx.Module):
     """The Z-Image transformer. Parameters in `dtype`; see the module docstring for the calls."""
 
@@ -246,7 +225,7 @@ class ZImageTransformer2DModel(nnx.Module):
         c = self.config
         return rope_cos_sin(ids, c.axes_dims, c.axes_lens, c.rope_theta)
 
-    def forward_tokens(
+    def embed_tokens(
         self,
         x_tokens: jax.Array,
         x_ids: jax.Array,
@@ -257,17 +236,10 @@ class ZImageTransformer2DModel(nnx.Module):
         *,
         patch_size: int = 2,
         f_patch_size: int = 1,
-    ) -> jax.Array:
-        """The model on patchified, right-padded buffers (fixed shapes, jit-friendly).
-
-        x_tokens: `(B, Nx, f_patch * patch^2 * C)`; x_ids: `(B, Nx, 3)` int RoPE positions of
-        the real image tokens, within config.axes_lens (outside: NaN), those of pad tokens
-        are replaced by (0, 0, 0); x_lens: `(B,)` real image tokens per item; cap_feats:
-        `(B, Nc, cap_feat_dim)`; cap_lens: `(B,)`; timestep: `(B,)` as the pipeline passes it
-        (1 - sigma). Tokens past a length, up to its next multiple of 32, become pad tokens;
-        those further on are masked out.
-        Returns `(B, Nx, patch^2 * f_patch * C)` (rows past x_lens are meaningless).
-        """
+    ) -> dict[str, Any]:
+        """What the refiners read: image tokens `x` with their mask and RoPE tables, caption
+        tokens `cap` with theirs, and the t-embedding `adaln` (arguments: `forward_tokens`).
+        Buffers are padded to multiples of 32."""
         c = self.config
         key = self._patch_key(patch_size, f_patch_size)
         b, n_x = x_tokens.shape[:2]
@@ -290,9 +262,6 @@ class ZImageTransformer2DModel(nnx.Module):
         x = jnp.where(real[..., None], x, self.x_pad_token[...].astype(x.dtype))
         x_ids = jnp.where(real[..., None], x_ids, 0)
         x_mask = pos < round_up(x_lens)[:, None]
-        x_rope = self._rope(x_ids)
-        for layer in self.noise_refiner:
-            x = layer(x, x_mask, x_rope, adaln)
 
         # Caption: pad tokens keep counting positions (1 + j, 0, 0), as in diffusers.
         cap = run_sequential(self.cap_embedder, cap_feats)
@@ -303,17 +272,83 @@ class ZImageTransformer2DModel(nnx.Module):
         # Masked rows get position 0: any position stays finite in the RoPE tables.
         first = jnp.where(cap_mask, cpos + 1, 0)
         cap_rope = self._rope(jnp.stack([first, 0 * first, 0 * first], axis=-1))
-        for layer in self.context_refiner:
-            cap = layer(cap, cap_mask, cap_rope)
+        return {"x": x, "x_mask": x_mask, "x_rope": self._rope(x_ids), "cap": cap,
+                "cap_mask": cap_mask, "cap_rope": cap_rope, "adaln": adaln}
 
-        # Unified [image; caption]; masked gaps between them change nothing but summation order.
-        u = jnp.concatenate([x, cap], axis=1)
-        mask = jnp.concatenate([x_mask, cap_mask], axis=1)
-        rope = tuple(jnp.concatenate(pair, axis=1) for pair in zip(x_rope, cap_rope))
+    @staticmethod
+    def join(carry: dict[str, Any]) -> dict[str, Any]:
+        """The refined image and caption tokens as one sequence `u` `[image; caption]` (masked
+        gaps between them change nothing but summation order), with its mask and RoPE."""
+        u = jnp.concatenate([carry["x"], carry["cap"]], axis=1)
+        mask = jnp.concatenate([carry["x_mask"], carry["cap_mask"]], axis=1)
+        rope = tuple(jnp.concatenate(pair, axis=1)
+                     for pair in zip(carry["x_rope"], carry["cap_rope"]))
+        return {"u": u, "mask": mask, "rope": rope, "adaln": carry["adaln"]}
+
+    def final(self, u: jax.Array, adaln: jax.Array, n_x: int, patch_size: int,
+              f_patch_size: int) -> jax.Array:
+        """The final layer, per token, on the first `n_x` (image) tokens of `u`."""
+        return self.all_final_layer[self._patch_key(patch_size, f_patch_size)](u[:, :n_x], adaln)
+
+    def forward_tokens(
+        self,
+        x_tokens: jax.Array,
+        x_ids: jax.Array,
+        x_lens: jax.Array,
+        cap_feats: jax.Array,
+        cap_lens: jax.Array,
+        timestep: jax.Array,
+        *,
+        patch_size: int = 2,
+        f_patch_size: int = 1,
+    ) -> jax.Array:
+        """The model on patchified, right-padded buffers (fixed shapes, jit-friendly).
+
+        x_tokens: `(B, Nx, f_patch * patch^2 * C)`; x_ids: `(B, Nx, 3)` int RoPE positions of
+        the real image tokens, within config.axes_lens (outside: NaN), those of pad tokens
+        are replaced by (0, 0, 0); x_lens: `(B,)` real image tokens per item; cap_feats:
+        `(B, Nc, cap_feat_dim)`; cap_lens: `(B,)`; timestep: `(B,)` as the pipeline passes it
+        (1 - sigma). Tokens past a length, up to its next multiple of 32, become pad tokens;
+        those further on are masked out.
+        Returns `(B, Nx, patch^2 * f_patch * C)` (rows past x_lens are meaningless).
+        """
+        carry = self.embed_tokens(x_tokens, x_ids, x_lens, cap_feats, cap_lens, timestep,
+                                  patch_size=patch_size, f_patch_size=f_patch_size)
+        for layer in self.noise_refiner:
+            carry["x"] = layer(carry["x"], carry["x_mask"], carry["x_rope"], carry["adaln"])
+        for layer in self.context_refiner:
+            carry["cap"] = layer(carry["cap"], carry["cap_mask"], carry["cap_rope"])
+        carry = self.join(carry)
         for layer in self.layers:
-            u = layer(u, mask, rope, adaln)
-        # The final layer is per token: run it on the image part only.
-        return self.all_final_layer[key](u[:, :n_x], adaln)
+            carry["u"] = layer(carry["u"], carry["mask"], carry["rope"], carry["adaln"])
+        return self.final(carry["u"], carry["adaln"], x_tokens.shape[1], patch_size,
+                          f_patch_size)
+
+    def batch_tokens(
+        self,
+        latents: jax.Array,
+        timestep: jax.Array,
+        cap_feats: jax.Array,
+        cap_lens: jax.Array | None = None,
+        *,
+        patch_size: int = 2,
+        f_patch_size: int = 1,
+    ) -> tuple[jax.Array, ...]:
+        """`forward_batch`'s arguments -> `forward_tokens`' positional ones (x_tokens, x_ids,
+        x_lens, cap_feats, cap_lens, timestep)."""
+        self._check_latent(latents.shape, patch_size, f_patch_size, 5)
+        b, _, f, h, w = latents.shape
+        ft, ht, wt = f // f_patch_size, h // patch_size, w // patch_size
+        n_c = cap_feats.shape[1]
+        self._check_positions(round_up(n_c) + ft, ht, wt)  # bound for any cap_lens <= L
+        if cap_lens is None:
+            cap_lens = jnp.full((b,), n_c, jnp.int32)
+        cap_lens = jnp.broadcast_to(jnp.asarray(cap_lens, jnp.int32), (b,))
+        first_axis = jnp.asarray([1, 0, 0], jnp.int32)
+        offset = (round_up(cap_lens) + 1)[:, None, None] * first_axis
+        x_ids = jnp.asarray(grid_ids(ft, ht, wt))[None] + offset
+        return (patchify(latents, patch_size, f_patch_size), x_ids, jnp.full((b,), ft * ht * wt),
+                cap_feats, cap_lens, timestep)
 
     def forward_batch(
         self,
@@ -332,22 +367,10 @@ class ZImageTransformer2DModel(nnx.Module):
         Returns `(B, C, F, H, W)`, item i equal to diffusers' output for
         `x=[latents[i]], cap_feats=[cap_feats[i, :cap_lens[i]]]`.
         """
-        self._check_latent(latents.shape, patch_size, f_patch_size, 5)
-        b, _, f, h, w = latents.shape
-        ft, ht, wt = f // f_patch_size, h // patch_size, w // patch_size
-        n_c = cap_feats.shape[1]
-        self._check_positions(round_up(n_c) + ft, ht, wt)  # bound for any cap_lens <= L
-        if cap_lens is None:
-            cap_lens = jnp.full((b,), n_c, jnp.int32)
-        cap_lens = jnp.broadcast_to(jnp.asarray(cap_lens, jnp.int32), (b,))
-        first_axis = jnp.asarray([1, 0, 0], jnp.int32)
-        offset = (round_up(cap_lens) + 1)[:, None, None] * first_axis
-        x_ids = jnp.asarray(grid_ids(ft, ht, wt))[None] + offset
-        out = self.forward_tokens(
-            patchify(latents, patch_size, f_patch_size), x_ids, jnp.full((b,), ft * ht * wt),
-            cap_feats, cap_lens, timestep, patch_size=patch_size, f_patch_size=f_patch_size,
-        )
-        return unpatchify(out, (f, h, w), patch_size, f_patch_size)
+        args = self.batch_tokens(latents, timestep, cap_feats, cap_lens,
+                                 patch_size=patch_size, f_patch_size=f_patch_size)
+        out = self.forward_tokens(*args, patch_size=patch_size, f_patch_size=f_patch_size)
+        return unpatchify(out, latents.shape[2:], patch_size, f_patch_size)
 
     def __call__(
         self,

@@ -245,3 +245,27 @@ class FinalLayer(nnx.Module):
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         scale = run_sequential(self.adaLN_modulation, c)
         return self.linear(self.norm_final(x, scale))
+
+
+def patchify(latents: jax.Array, p: int, pf: int) -> jax.Array:
+    """`(B, C, F, H, W)` -> `(B, F/pf * H/p * W/p, pf * p * p * C)`, tokens in (f, h, w) order."""
+    b, c, f, h, w = latents.shape
+    x = latents.reshape(b, c, f // pf, pf, h // p, p, w // p, p)
+    x = x.transpose(0, 2, 4, 6, 3, 5, 7, 1)
+    return x.reshape(b, (f // pf) * (h // p) * (w // p), pf * p * p * c)
+
+
+def unpatchify(tokens: jax.Array, size: tuple[int, int, int], p: int, pf: int) -> jax.Array:
+    """`(B, >= n, pf * p * p * C)` -> `(B, C, F, H, W)`, reading the first n = F/pf*H/p*W/p."""
+    f, h, w = size
+    b = tokens.shape[0]
+    ft, ht, wt = f // pf, h // p, w // p
+    x = tokens[:, : ft * ht * wt].reshape(b, ft, ht, wt, pf, p, p, -1)
+    x = x.transpose(0, 7, 1, 4, 2, 5, 3, 6)
+    return x.reshape(b, x.shape[1], f, h, w)
+
+
+def grid_ids(ft: int, ht: int, wt: int) -> np.ndarray:
+    """`(ft * ht * wt, 3)` int32 (f, h, w) coordinates in token order."""
+    grids = np.meshgrid(np.arange(ft), np.arange(ht), np.arange(wt), indexing="ij")
+    return np.stack(grids, axis=-1).reshape(-1, 3).astype(np.int32)

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pqjax.models.family import Family, FamilyMemory
+from pqjax.models.family import Carry, Family, FamilyMemory, Runner, Static
 from pqjax.models.sites import Site, linear_out, modulation
 from pqjax.models.zimage import ZImageConfig, ZImageTransformer2DModel
-from pqjax.models.zimage_blocks import ffn_hidden
+from pqjax.models.zimage_blocks import ffn_hidden, unpatchify
 
 BLOCK_LISTS = ("noise_refiner", "context_refiner", "layers")
 
@@ -76,6 +76,37 @@ KEEP_16BIT = (
 )
 
 
+def zimage_embed(model: ZImageTransformer2DModel, latents: Any, timestep: Any, cap_feats: Any,
+                 cap_lens: Any = None, patch_size: int = 2, f_patch_size: int = 1) -> Carry:
+    """`forward_batch`'s arguments (the calibration batches' keywords) -> what the refiners
+    read, with the sizes the final layer needs."""
+    p, pf = patch_size, f_patch_size
+    args = model.batch_tokens(latents, timestep, cap_feats, cap_lens, patch_size=p,
+                              f_patch_size=pf)
+    carry = model.embed_tokens(*args, patch_size=p, f_patch_size=pf)
+    return {**carry, "sizes": Static((args[0].shape[1], tuple(latents.shape[2:]), p, pf))}
+
+
+def zimage_block(block: Any, list_name: str, carry: Carry) -> Carry:
+    if list_name == "noise_refiner":
+        return {**carry, "x": block(carry["x"], carry["x_mask"], carry["x_rope"], carry["adaln"])}
+    if list_name == "context_refiner":
+        return {**carry, "cap": block(carry["cap"], carry["cap_mask"], carry["cap_rope"])}
+    return {**carry, "u": block(carry["u"], carry["mask"], carry["rope"], carry["adaln"])}
+
+
+def zimage_enter(list_name: str, carry: Carry) -> Carry:
+    """Before the main layers, image and caption tokens become one sequence."""
+    if list_name != "layers":
+        return carry
+    return {**ZImageTransformer2DModel.join(carry), "sizes": carry["sizes"]}
+
+
+def zimage_head(model: ZImageTransformer2DModel, carry: Carry) -> Any:
+    n_x, size, p, pf = carry["sizes"].value
+    return unpatchify(model.final(carry["u"], carry["adaln"], n_x, p, pf), size, p, pf)
+
+
 def zimage_memory(c: ZImageConfig, preset: str) -> FamilyMemory:
     hidden = ffn_hidden(c.dim)
     return FamilyMemory(
@@ -107,5 +138,8 @@ FAMILY = Family(
     block_lists=BLOCK_LISTS,
     memory=zimage_memory,
     presets=zimage_presets,
+    runner=Runner(embed=zimage_embed, block=zimage_block, head=zimage_head, enter=zimage_enter),
+    cross_block_layers=("noise_refiner.*.adaLN_modulation.0", "layers.*.adaLN_modulation.0",
+                        "all_final_layer.*.adaLN_modulation.1"),
     saved_parts=(("ZImageTextToImage", "pqjax.pipelines.zimage_pipeline:ZImageTextToImage"),),
 )

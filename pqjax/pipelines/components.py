@@ -22,6 +22,7 @@ class OnDemand:
     folder: Path
     dtype: Any = None  # None: the checkpoint's own
     allow_pickle: bool = False
+    on_demand = True  # not a field: what `held` looks for
 
     def load(self) -> Any:
         import convert
@@ -30,8 +31,9 @@ class OnDemand:
 
 
 def held(component: Any) -> Any:
-    """The model itself: loaded now if `component` is `OnDemand`."""
-    return component.load() if isinstance(component, OnDemand) else component
+    """The model itself: loaded now if `component` is kept on disk (`OnDemand`, or any object
+    with `on_demand` set and a `load()`, such as `pqjax.engine.result.StoredModel`)."""
+    return component.load() if getattr(component, "on_demand", False) else component
 
 
 def parse_bytes(value: int | float | str | None, what: str = "max_memory") -> int | None:

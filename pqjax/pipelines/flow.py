@@ -127,18 +127,23 @@ def euler_sample(
     and the loop body is compiled once whatever the number of steps. progress: report each
     step to `StepProgress`.
     """
-    dtype = x.dtype
 
     def step(i, x):
-        t = jnp.full((x.shape[0],), timesteps[i], dtype=dtype)
-        v = velocity(x, t)
-        dt = sigmas[i + 1] - sigmas[i]
-        x = (x.astype(jnp.float32) + dt * v.astype(jnp.float32)).astype(dtype)
+        x = euler_step(velocity, x, sigmas, timesteps, i)
         if progress:
             jax.debug.callback(StepProgress.tick, i, ordered=False)
         return x
 
     return jax.lax.fori_loop(0, timesteps.shape[0], step, x)
+
+
+def euler_step(velocity: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array,
+               sigmas: jax.Array, timesteps: jax.Array, i: Any) -> jax.Array:
+    """One Euler step i of `euler_sample` (float32 update, x's dtype kept)."""
+    t = jnp.full((x.shape[0],), timesteps[i], dtype=x.dtype)
+    v = velocity(x, t)
+    dt = sigmas[i + 1] - sigmas[i]
+    return (x.astype(jnp.float32) + dt * v.astype(jnp.float32)).astype(x.dtype)
 
 
 def pack_latents(latents: jax.Array) -> jax.Array:

@@ -102,13 +102,15 @@ def _encoder(folder: Path, dtype: Any, allow_pickle: bool, on_demand: bool) -> A
 
 
 def load_flux(root: Path, dtype: Any = None, *, allow_pickle: bool = False,
-              max_memory: Any = None) -> Pipeline:
+              max_memory: Any = None, transformer: Any = None) -> Pipeline:
     """A diffusers FluxPipeline folder (dev or schnell) as a JAX Pipeline. max_memory: where
     the weights of all components in `dtype` exceed it, CLIP and T5 stay on disk until each
-    encoding (`OnDemand`)."""
+    encoding (`OnDemand`). transformer: use this one instead of loading it (e.g. a
+    `pqjax.engine.streamed.StreamedModel`)."""
     on_demand = encoders_on_demand(root, ENCODER_FOLDERS, ("transformer", "vae"), dtype=dtype,
                                    allow_pickle=allow_pickle, max_memory=max_memory)
-    transformer = convert.load_transformer(root, dtype=dtype, allow_pickle=allow_pickle)
+    if transformer is None:
+        transformer = convert.load_transformer(root, dtype=dtype, allow_pickle=allow_pickle)
     steps, guidance, max_len = DEV_DEFAULTS if transformer.config.guidance_embeds \
         else SCHNELL_DEFAULTS
     clip, t5 = (_encoder(root / n, dtype, allow_pickle, on_demand) for n in ENCODER_FOLDERS)

@@ -37,12 +37,14 @@ def resolve_root(name_or_path: str | os.PathLike) -> Path:
 
 
 def load_tiny(root: Path, dtype: Any = None, *, allow_pickle: bool = False,
-              max_memory: Any = None) -> Pipeline:
+              max_memory: Any = None, transformer: Any = None) -> Pipeline:
     """The embedded pixel-space digits model: prompt table, identity decoder (max_memory: no
-    encoder to release, the prompt table is a few kilobytes)."""
+    encoder to release, the prompt table is a few kilobytes). transformer: use this one
+    instead of loading it."""
     from pqjax.models.text_table import PromptTable
 
-    transformer = convert.load_transformer(root, dtype=dtype, allow_pickle=allow_pickle)
+    if transformer is None:
+        transformer = convert.load_transformer(root, dtype=dtype, allow_pickle=allow_pickle)
     scheduler = FlowMatchEuler.from_config(
         read_json(root / "scheduler" / "scheduler_config.json"),
         str(root / "scheduler" / "scheduler_config.json"),
@@ -77,6 +79,7 @@ def load_pipeline(
     *,
     allow_pickle: bool = False,
     max_memory: int | str | None = None,
+    transformer: Any = None,
 ) -> Pipeline:
     """The full-precision pipeline at `name_or_path` (see module docstring), each component
     held in `dtype` (None: its checkpoint's own, bf16 for FLUX.1-dev).
@@ -84,7 +87,8 @@ def load_pipeline(
     allow_pickle: also load pickled `.bin`/`.pt` weights (torch, `weights_only=True`); off by
     default because a pickle can run code. max_memory (bytes, or e.g. "16GiB"): where the
     weights of all components exceed it, the text encoders stay on disk and load for each
-    encoding only (`pqjax.pipelines.components.OnDemand`): encode, release, then sample."""
+    encoding only (`pqjax.pipelines.components.OnDemand`): encode, release, then sample.
+    transformer: use this model instead of loading the folder's (`pqjax.engine.streamed`)."""
     parse_bytes(max_memory)  # refused before anything is read
     root = resolve_root(name_or_path)
     index = read_json(root / "model_index.json")
@@ -98,6 +102,8 @@ def load_pipeline(
         )
     loader = _LOADERS[kind] if kind in _LOADERS else fam.pipeline_loader(kind)
     kw = {} if max_memory is None else {"max_memory": max_memory}
+    if transformer is not None:
+        kw["transformer"] = transformer
     pipe = loader(root, dtype, allow_pickle=allow_pickle, **kw)
     pipe.source = str(name_or_path)
     return pipe

@@ -20,10 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pqjax.pipelines.components import held
 from pqjax.pipelines.flow import (
     FlowMatchEuler,
     StepProgress,
     euler_sample,
+    euler_step,
     latent_image_ids,
     pack_latents,
     unpack_latents,
@@ -102,6 +104,21 @@ def check_sampling(num_steps: Any, guidance: Any) -> None:
         raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
 
 
+def _velocity(model: Any, embeds, pooled, txt_ids, img_ids, guidance):
+    def velocity(x, t):
+        return model(
+            hidden_states=x,
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            timestep=t,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=guidance,
+        )
+
+    return velocity
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "trajectory", "progress"))
 def _sample(
     graphdef,
@@ -117,30 +134,32 @@ def _sample(
     trajectory=False,
     progress=False,
 ):
-    model = nnx.merge(graphdef, state)
-
-    def velocity(x, t):
-        return model(
-            hidden_states=x,
-            encoder_hidden_states=embeds,
-            pooled_projections=pooled,
-            timestep=t,
-            img_ids=img_ids,
-            txt_ids=txt_ids,
-            guidance=guidance,
-        )
-
+    velocity = _velocity(nnx.merge(graphdef, state), embeds, pooled, txt_ids, img_ids, guidance)
     if not trajectory:
         return euler_sample(velocity, x, sigmas, timesteps, progress=progress)
 
     def step(x, i):  # also returns the transformer's input at every step (calibration data)
-        t = jnp.full((x.shape[0],), timesteps[i], dtype=x.dtype)
-        v = velocity(x, t)
-        nxt = x.astype(jnp.float32) + (sigmas[i + 1] - sigmas[i]) * v.astype(jnp.float32)
-        return nxt.astype(x.dtype), x
+        return euler_step(velocity, x, sigmas, timesteps, i), x
 
     final, xs = jax.lax.scan(step, x, jnp.arange(timesteps.shape[0]))
     return final, xs
+
+
+def sample(model: Any, *args: Any, trajectory: bool = False, progress: bool = False) -> Any:
+    """`_sample` of `model`: in one jit, or step by step for a model that runs eagerly
+    (`pqjax.engine.streamed.StreamedModel`, one block in memory at a time). A model kept on
+    disk (`held`) loads here, after the prompts were encoded."""
+    model = held(model)
+    if not getattr(model, "eager", False):
+        graphdef, state = nnx.split(model)
+        return _sample(graphdef, state, *args, trajectory=trajectory, progress=progress)
+    x, embeds, pooled, txt_ids, img_ids, guidance, sigmas, timesteps = args
+    velocity = _velocity(model, embeds, pooled, txt_ids, img_ids, guidance)
+    xs = []
+    for i in range(timesteps.shape[0]):
+        xs.append(x)
+        x = euler_step(velocity, x, sigmas, timesteps, i)
+    return (x, jnp.stack(xs)) if trajectory else x
 
 
 @dataclasses.dataclass
@@ -216,15 +235,14 @@ class Pipeline:
     ) -> jax.Array:
         """Final latents `(b, c, h, w)` (before decoding); progress: a tqdm bar over steps."""
         args, (h, w) = self._inputs(prompts, seed, num_steps, guidance, height, width, latents)
-        graphdef, state = nnx.split(self.transformer)
         if not progress:
-            return unpack_latents(_sample(graphdef, state, *args), h, w)
+            return unpack_latents(sample(self.transformer, *args), h, w)
         from tqdm.auto import tqdm
 
         with tqdm(total=int(args[-1].shape[0]), desc="sample", unit="step") as bar:
             StepProgress.bar = bar
             try:
-                packed = jax.block_until_ready(_sample(graphdef, state, *args, progress=True))
+                packed = jax.block_until_ready(sample(self.transformer, *args, progress=True))
             finally:
                 StepProgress.bar = None
         return unpack_latents(packed, h, w)
@@ -250,8 +268,7 @@ class Pipeline:
         """
         args, _ = self._inputs(prompts, seed, num_steps, guidance, height, width, None)
         x, embeds, pooled, txt_ids, img_ids, gvec, _sigmas, timesteps = args
-        graphdef, state = nnx.split(self.transformer)
-        _, xs = _sample(graphdef, state, *args, trajectory=True)
+        _, xs = sample(self.transformer, *args, trajectory=True)
         batches = []
         for i in range(xs.shape[0]):
             batch = dict(

@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pqjax.pipelines.components import held
+
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 4.5
 DEFAULT_FLOW_SHIFT = 3.0
@@ -169,10 +171,8 @@ def flow_dpm_solve(velocity: Callable[[jax.Array, jax.Array], jax.Array], latent
     return x
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "solver_type", "cfg", "trajectory"))
-def _sample(graphdef, state, latents, sigmas, timesteps, second_order, ctx, mask, guidance_scale,
-            *, solver_type: str, cfg: bool, trajectory: bool = False):
-    model = nnx.merge(graphdef, state)
+def _velocity(model: Any, latents, timesteps, ctx, mask, guidance_scale, cfg: bool):
+    """velocity(i, x): the model's flow velocity at step i, guided on the doubled batch."""
     b, c = latents.shape[:2]
 
     def velocity(i, x):
@@ -184,7 +184,29 @@ def _sample(graphdef, state, latents, sigmas, timesteps, second_order, ctx, mask
             out = out[:b] + guidance_scale * (out[b:] - out[:b])
         return out[:, :c] if out.shape[1] == 2 * c else out  # learned sigma: drop the 2nd half
 
+    return velocity
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "solver_type", "cfg", "trajectory"))
+def _sample(graphdef, state, latents, sigmas, timesteps, second_order, ctx, mask, guidance_scale,
+            *, solver_type: str, cfg: bool, trajectory: bool = False):
+    velocity = _velocity(nnx.merge(graphdef, state), latents, timesteps, ctx, mask,
+                         guidance_scale, cfg)
     return flow_dpm_solve(velocity, latents, sigmas, second_order, solver_type, trajectory)
+
+
+def _sample_eager(model, latents, sigmas, timesteps, second_order, ctx, mask, guidance_scale,
+                  *, solver_type: str, cfg: bool, trajectory: bool = False):
+    """`_sample` step by step in Python, for a model that runs eagerly (one block in memory
+    at a time, `pqjax.engine.streamed`)."""
+    velocity = _velocity(model, latents, timesteps, ctx, mask, guidance_scale, cfg)
+    x = latents.astype(jnp.float32)
+    x0_prev, xs = jnp.zeros_like(x), []
+    for i in range(second_order.shape[0]):
+        xs.append(x)
+        x, x0_prev = flow_dpm_solver_step(x, velocity(i, x), x0_prev, sigmas, i, second_order[i],
+                                          solver_type)
+    return (x, jnp.stack(xs)) if trajectory else x
 
 
 def sana_sample(model: nnx.Module, latents: jax.Array, schedule: SanaSchedule,
@@ -202,6 +224,7 @@ def sana_sample(model: nnx.Module, latents: jax.Array, schedule: SanaSchedule,
     (classifier-free guidance on the doubled batch). guidance_scale is traced: changing it does
     not recompile, only a new shape, schedule length or CFG on/off does.
     """
+    model = held(model)  # a transformer kept on disk loads now, after the prompts' encoding
     config = getattr(model, "config", None)
     if getattr(config, "guidance_embeds", False):
         raise ValueError("guidance-embedding models (SANA-Sprint) use a different sampler")
@@ -220,9 +243,11 @@ def sana_sample(model: nnx.Module, latents: jax.Array, schedule: SanaSchedule,
             mask = jnp.concatenate([jnp.asarray(negative_encoder_attention_mask),
                                     jnp.asarray(mask)])
     timesteps = schedule.model_timesteps(getattr(config, "timestep_scale", 1.0))
+    args = (jnp.asarray(latents), jnp.asarray(schedule.sigmas), jnp.asarray(timesteps),
+            jnp.asarray(schedule.second_order), ctx, None if mask is None else jnp.asarray(mask),
+            jnp.float32(guidance_scale))
+    kw = dict(solver_type=schedule.solver_type, cfg=cfg, trajectory=trajectory)
+    if getattr(model, "eager", False):
+        return _sample_eager(model, *args, **kw)
     graphdef, state = nnx.split(model)
-    return _sample(graphdef, state, jnp.asarray(latents), jnp.asarray(schedule.sigmas),
-                   jnp.asarray(timesteps), jnp.asarray(schedule.second_order), ctx,
-                   None if mask is None else jnp.asarray(mask),
-                   jnp.float32(guidance_scale), solver_type=schedule.solver_type, cfg=cfg,
-                   trajectory=trajectory)
+    return _sample(graphdef, state, *args, **kw)

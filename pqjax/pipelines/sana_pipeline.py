@@ -158,10 +158,11 @@ class SanaTextToImage(LMTextToImage):
 
 
 def load_sana(root: Path, dtype: Any = None, *, allow_pickle: bool = False,
-              max_memory: Any = None) -> SanaTextToImage:
+              max_memory: Any = None, transformer: Any = None) -> SanaTextToImage:
     """A diffusers SanaPipeline folder (transformer/, text_encoder/, tokenizer/, vae/,
     scheduler/) as a JAX pipeline. max_memory: where all weights in `dtype` exceed it, Gemma-2
-    stays on disk until each encoding (`OnDemand`)."""
+    stays on disk until each encoding (`OnDemand`). transformer: use this one instead of
+    loading it (e.g. a `pqjax.engine.streamed.StreamedModel`)."""
     root = Path(root)
     on_demand = encoders_on_demand(root, ("text_encoder",), ("transformer", "vae"), dtype=dtype,
                                    allow_pickle=allow_pickle, max_memory=max_memory)
@@ -171,7 +172,8 @@ def load_sana(root: Path, dtype: Any = None, *, allow_pickle: bool = False,
         SanaSchedule.from_config(config, DEFAULT_STEPS)  # refuse a scheduler we cannot run now
     except ValueError as e:
         raise ValueError(f"{sched_path}: {e}") from e
-    transformer = convert.load_transformer(root, dtype=dtype, allow_pickle=allow_pickle)
+    if transformer is None:
+        transformer = convert.load_transformer(root, dtype=dtype, allow_pickle=allow_pickle)
     vae = convert.load_model(root / "vae", dtype=dtype, allow_pickle=allow_pickle)
     # SanaPipeline's default size: the transformer's sample_size in latents (1024 px for 1.5).
     size = int(transformer.config.sample_size) * vae.config.spatial_compression

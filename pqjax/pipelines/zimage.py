@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pqjax.pipelines.components import held
 from pqjax.pipelines.flow import FlowMatchEuler
 
 DEFAULT_STEPS = 8
@@ -61,13 +62,8 @@ def guided(pos: jax.Array, neg: jax.Array, scale: jax.Array, cfg_normalization: 
     return jnp.where(scale > 0, pred, pos)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "trajectory", "cfg_normalization"))
-def _sample(graphdef, state, latents, sigmas, timesteps, caps, cap_lens, scales=None,
-            trajectory=False, cfg_normalization=0.0):
-    """`scales` None: one batch. Otherwise `caps`/`cap_lens` hold `[prompts; negatives]`
-    (2b rows) and `scales (n,)` is the guidance of each step."""
-    model = nnx.merge(graphdef, state)
-
+def _step(model: Any, sigmas, timesteps, caps, cap_lens, scales, cfg_normalization: float):
+    """step(i, x): Euler step i of the model's negated prediction, guided where scales say."""
     def step(i, x):
         b = x.shape[0]
         xin = x if scales is None else jnp.concatenate([x, x])
@@ -79,10 +75,32 @@ def _sample(graphdef, state, latents, sigmas, timesteps, caps, cap_lens, scales=
             pred = guided(out[:b], out[b:], scales[i], cfg_normalization)
         return x + (sigmas[i + 1] - sigmas[i]) * -pred
 
+    return step
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "trajectory", "cfg_normalization"))
+def _sample(graphdef, state, latents, sigmas, timesteps, caps, cap_lens, scales=None,
+            trajectory=False, cfg_normalization=0.0):
+    """`scales` None: one batch. Otherwise `caps`/`cap_lens` hold `[prompts; negatives]`
+    (2b rows) and `scales (n,)` is the guidance of each step."""
+    step = _step(nnx.merge(graphdef, state), sigmas, timesteps, caps, cap_lens, scales,
+                 cfg_normalization)
     x = latents.astype(jnp.float32)
     if trajectory:  # also the sample before every step (the transformer's inputs)
         return jax.lax.scan(lambda x, i: (step(i, x), x), x, jnp.arange(timesteps.shape[0]))
     return jax.lax.fori_loop(0, timesteps.shape[0], step, x)
+
+
+def _sample_eager(model, latents, sigmas, timesteps, caps, cap_lens, scales=None,
+                  trajectory=False, cfg_normalization=0.0):
+    """`_sample` step by step in Python, for a model that runs eagerly (one block in memory
+    at a time, `pqjax.engine.streamed`)."""
+    step = _step(model, sigmas, timesteps, caps, cap_lens, scales, cfg_normalization)
+    x, xs = latents.astype(jnp.float32), []
+    for i in range(timesteps.shape[0]):
+        xs.append(x)
+        x = step(i, x)
+    return (x, jnp.stack(xs)) if trajectory else x
 
 
 def zimage_sample(model: nnx.Module, latents: jax.Array, schedule: tuple[np.ndarray, np.ndarray],
@@ -95,17 +113,20 @@ def zimage_sample(model: nnx.Module, latents: jax.Array, schedule: tuple[np.ndar
 
     guidance > 0: classifier-free guidance against `negative` = (features `(b, L', cap_dim)`,
     lengths `(b,)`), with the pipeline's truncation and normalization (module docstring)."""
+    model = held(model)  # a transformer kept on disk loads now, after the prompts' encoding
     sigmas, timesteps = schedule
-    graphdef, state = nnx.split(model)
     scales = None
     if guidance > 0:
         if negative is None:
             raise ValueError("guidance > 0 needs the negative prompts' features")
         caps, cap_lens = join_captions((caps, cap_lens), negative)
         scales = jnp.asarray(guidance_per_step(timesteps, guidance, cfg_truncation))
-    return _sample(graphdef, state, latents, jnp.asarray(sigmas), jnp.asarray(timesteps), caps,
-                   jnp.asarray(cap_lens), scales, trajectory=trajectory,
-                   cfg_normalization=float(cfg_normalization))
+    args = (latents, jnp.asarray(sigmas), jnp.asarray(timesteps), caps, jnp.asarray(cap_lens),
+            scales)
+    kw = dict(trajectory=trajectory, cfg_normalization=float(cfg_normalization))
+    if getattr(model, "eager", False):
+        return _sample_eager(model, *args, **kw)
+    return _sample(*nnx.split(model), *args, **kw)
 
 
 def join_captions(*parts: tuple[jax.Array, Any]) -> tuple[jax.Array, jax.Array]:

@@ -158,16 +158,18 @@ class ZImageTextToImage(LMTextToImage):
 
 
 def load_zimage(root: Path, dtype: Any = None, *, allow_pickle: bool = False,
-                max_memory: Any = None) -> ZImageTextToImage:
+                max_memory: Any = None, transformer: Any = None) -> ZImageTextToImage:
     """A diffusers ZImagePipeline folder (transformer/, text_encoder/, tokenizer/, vae/,
     scheduler/) as a JAX pipeline. max_memory: where all weights in `dtype` exceed it, Qwen3
-    stays on disk until each encoding (`OnDemand`)."""
+    stays on disk until each encoding (`OnDemand`). transformer: use this one instead of
+    loading it (e.g. a `pqjax.engine.streamed.StreamedModel`)."""
     root = Path(root)
     on_demand = encoders_on_demand(root, ("text_encoder",), ("transformer", "vae"), dtype=dtype,
                                    allow_pickle=allow_pickle, max_memory=max_memory)
     sched_path = root / "scheduler" / "scheduler_config.json"
     return ZImageTextToImage(
-        transformer=convert.load_transformer(root, dtype=dtype, allow_pickle=allow_pickle),
+        transformer=transformer if transformer is not None
+        else convert.load_transformer(root, dtype=dtype, allow_pickle=allow_pickle),
         text_encoder=OnDemand(root / "text_encoder", dtype, allow_pickle) if on_demand
         else convert.load_model(root / "text_encoder", dtype=dtype, allow_pickle=allow_pickle),
         tokenizer=LMTokenizer.load(root / "tokenizer"),

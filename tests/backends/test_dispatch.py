@@ -173,7 +173,7 @@ def tiny_flux():
     calib = pqjax.calibrate(model, data, n_rows=32, progress=False)
     # AdaLN linears stay 16-bit: fewer distinct weight shapes to compile
     skip = (*DEFAULT_SKIP, "*norm1.linear", "*norm1_context.linear", "*.norm.linear")
-    cfg = pqjax.QuantConfig(method="rtn", skip=skip, progress=False)
+    cfg = pqjax.QuantConfig(method="rtn", skip=skip)
     qmodel, _ = pqjax.quantize(model, calib, cfg)
     assert qmodel.transformer_blocks[0].norm2.perm is not None
     return qmodel, data[1]

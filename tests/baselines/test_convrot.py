@@ -55,7 +55,7 @@ def test_regular_beats_sylvester_on_a_shared_offset():
 
 def test_plan_is_exact_in_full_precision():
     model, calib, data = tiny_flux()
-    cfg = pqjax.QuantConfig(method="convrot", progress=False, **CONFIGS["nvfp4"])
+    cfg = pqjax.QuantConfig(method="convrot", **CONFIGS["nvfp4"])
     targets = quantizable(model, cfg)
     plan = get_method("convrot")(model, calib, cfg, targets)
     assert {e["input_transform"] for e in plan.extras.values()} == {"regular_hadamard:16"}
@@ -67,7 +67,7 @@ def test_plan_is_exact_in_full_precision():
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_end_to_end(config):
     model, calib, data = tiny_flux()
-    cfg = pqjax.QuantConfig(method="convrot", progress=False, **CONFIGS[config])
+    cfg = pqjax.QuantConfig(method="convrot", **CONFIGS[config])
     qmodel, report = pqjax.quantize(model, calib, cfg)
     out = np.asarray(forward(qmodel, data[1]))
     assert np.isfinite(out).all()

@@ -56,7 +56,7 @@ def test_lower_weight_only_error_on_correlated_inputs(name):
 
 def test_plans_are_exact_in_full_precision(tiny_flux):
     model, calib, data = tiny_flux
-    cfg = pqjax.QuantConfig(method="permuquant_gptq", progress=False)
+    cfg = pqjax.QuantConfig(method="permuquant_gptq")
     targets = quantizable(model, cfg)
     ref = np.asarray(model(**data[1]))
     plan = get_method("permuquant_gptq")(model, calib, cfg, targets)
@@ -81,7 +81,7 @@ def test_plans_are_exact_in_full_precision(tiny_flux):
 def test_end_to_end(tiny_flux, method, weights, group):
     model, calib, data = tiny_flux
     cfg = pqjax.QuantConfig(
-        weights=weights, acts=weights, group=group, method=method, progress=False
+        weights=weights, acts=weights, group=group, method=method
     )
     qmodel, report = pqjax.quantize(model, calib, cfg)
     assert np.isfinite(np.asarray(qmodel(**data[0]))).all()

@@ -69,7 +69,7 @@ def test_orders_under_a_fixed_rotation_never_lose_to_it():
 
 def plan_for(method: str, config: str, **options):
     model, calib, _ = tiny_flux()
-    cfg = pqjax.QuantConfig(method=method, progress=False, options=tuple(options.items()),
+    cfg = pqjax.QuantConfig(method=method, options=tuple(options.items()),
                             **CONFIGS[config])
     targets = quantizable(model, cfg)
     return get_method(method)(model, calib, cfg, targets), targets
@@ -132,7 +132,7 @@ def test_permuquant_h_is_never_worse_than_permuquant_or_hadamard(config):
 @pytest.mark.parametrize("method,config", [("hadamard", "int4_g64"), ("permuquant_h", "nvfp4")])
 def test_end_to_end(method, config):
     model, calib, data = tiny_flux()
-    cfg = pqjax.QuantConfig(method=method, progress=False, **CONFIGS[config])
+    cfg = pqjax.QuantConfig(method=method, **CONFIGS[config])
     qmodel, report = pqjax.quantize(model, calib, cfg)
     out = np.asarray(forward(qmodel, data[1]))
     assert out.shape == np.asarray(forward(model, data[1])).shape and np.isfinite(out).all()

@@ -59,7 +59,6 @@ def test_plan_model_is_exact_and_kernels_are_clipped(tiny_flux):
         group=64,
         method="omniquant_lwc",
         options=(("steps", 30),),
-        progress=False,
     )
     targets = quantizable(model, cfg)
     plan = get_method("omniquant_lwc")(model, calib, cfg, targets)
@@ -82,7 +81,6 @@ def test_end_to_end(tiny_flux, weights, group):
         group=group,
         method="omniquant_lwc",
         options=(("steps", 30),),
-        progress=False,
     )
     qmodel, report = pqjax.quantize(model, calib, cfg)
     assert np.isfinite(np.asarray(qmodel(**data[0]))).all()

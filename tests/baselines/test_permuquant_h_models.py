@@ -43,7 +43,7 @@ def sana_case():
 def test_joint_choice_is_exact_in_full_precision(family):
     model, batches, run = {"sana": sana_case, "zimage": zimage_case}[family]()
     calib = pqjax.calibrate(model, batches, n_rows=64, forward=run, progress=False)
-    cfg = pqjax.QuantConfig(method="permuquant_h", progress=False,
+    cfg = pqjax.QuantConfig(method="permuquant_h",
                             options=(("rotations", "rotated"),))
     targets = quantizable(model, cfg)
     plan = get_method("permuquant_h")(model, calib, cfg, targets)

@@ -75,7 +75,7 @@ def test_balancing_lowers_w4a4_error_on_outlier_channels(name):
 
 def test_plan_is_exact_in_full_precision(tiny_flux, plan_forward):
     model, calib, data = tiny_flux
-    cfg = pqjax.QuantConfig(method="ptq4dit", progress=False)
+    cfg = pqjax.QuantConfig(method="ptq4dit")
     targets = quantizable(model, cfg)
     plan = get_method("ptq4dit")(model, calib, cfg, targets)
     assert all(r["ssc"] == "spearman" and r["timesteps"] == 3 for r in plan.sites.values())
@@ -92,7 +92,7 @@ def test_plan_is_exact_in_full_precision(tiny_flux, plan_forward):
 def test_end_to_end(tiny_flux, weights, group):
     model, calib, data = tiny_flux
     cfg = pqjax.QuantConfig(
-        weights=weights, acts=weights, group=group, method="ptq4dit", progress=False
+        weights=weights, acts=weights, group=group, method="ptq4dit"
     )
     qmodel, report = pqjax.quantize(model, calib, cfg)
     assert np.isfinite(np.asarray(qmodel(**data[0]))).all()

@@ -99,7 +99,7 @@ def test_absorb_scales_is_exact_and_leaves_the_input(tiny_flux):
 
 def test_plan_is_exact_in_full_precision(tiny_flux, plan_forward):
     model, calib, data = tiny_flux
-    cfg = pqjax.QuantConfig(weights="nvfp4", acts="nvfp4", method="smoothquant", progress=False)
+    cfg = pqjax.QuantConfig(weights="nvfp4", acts="nvfp4", method="smoothquant")
     plan = get_method("smoothquant")(model, calib, cfg, quantizable(model, cfg))
     # folded where scalable, online (input_scale) after GELU / SiLU
     assert any("input_scale" in e for e in plan.extras.values())
@@ -114,7 +114,7 @@ def test_plan_is_exact_in_full_precision(tiny_flux, plan_forward):
 def test_end_to_end(tiny_flux, weights, group):
     model, calib, data = tiny_flux
     cfg = pqjax.QuantConfig(
-        weights=weights, acts=weights, group=group, method="smoothquant", progress=False
+        weights=weights, acts=weights, group=group, method="smoothquant"
     )
     qmodel, report = pqjax.quantize(model, calib, cfg)
     assert np.isfinite(np.asarray(qmodel(**data[0]))).all()
@@ -142,7 +142,7 @@ def test_models_without_sites_smooth_online():
     model = TwoLinears()
     x = jax.random.normal(jax.random.key(0), (4, 8, 16)) * jnp.linspace(0.1, 10.0, 16)
     calib = pqjax.calibrate(model, [{"x": x}], n_rows=32, progress=False)
-    cfg = pqjax.QuantConfig(weights="int4", acts="int4", group=16, progress=False)
+    cfg = pqjax.QuantConfig(weights="int4", acts="int4", group=16)
     plan = get_method("smoothquant")(model, calib, cfg, ["a", "b"])
     assert set(plan.extras) == {"a", "b"} and not plan.sites["a:in"]["folded"]
     assert_close_rel(np.asarray(plan_model(plan)(x)), np.asarray(model(x)), 1e-5, "online")

@@ -39,7 +39,7 @@ def test_low_rank_branch_lowers_w4a4_error_below_smoothing(name):
 
 def test_plan_is_exact_in_full_precision(tiny_flux, plan_forward):
     model, calib, data = tiny_flux
-    cfg = pqjax.QuantConfig(method="svdquant", progress=False)  # rank 32 by default
+    cfg = pqjax.QuantConfig(method="svdquant")  # rank 32 by default
     targets = quantizable(model, cfg)
     plan = get_method("svdquant")(model, calib, cfg, targets)
     for path in targets:
@@ -58,7 +58,7 @@ def test_plan_is_exact_in_full_precision(tiny_flux, plan_forward):
 def test_end_to_end(tiny_flux, weights, group):
     model, calib, data = tiny_flux
     cfg = pqjax.QuantConfig(
-        weights=weights, acts=weights, group=group, method="svdquant", progress=False
+        weights=weights, acts=weights, group=group, method="svdquant"
     )
     qmodel, report = pqjax.quantize(model, calib, cfg)
     assert np.isfinite(np.asarray(qmodel(**data[0]))).all()

@@ -149,10 +149,11 @@ class _Reached(Exception):
 
 def test_every_entry_point_takes_allow_pickle(monkeypatch, tmp_path):
     """load_pipeline, convert_and_quantize, stream_quantize and the CLI pass the opt-in on."""
+    import convert.loader
     import pqjax.api
     import pqjax.cli
+    import pqjax.engine
     import pqjax.pipelines.load as load_mod
-    import pqjax.streaming
     from convert.resolve import embedded_root
 
     seen = []
@@ -168,8 +169,8 @@ def test_every_entry_point_takes_allow_pickle(monkeypatch, tmp_path):
                                          "--allow-pickle"])):
         with pytest.raises(_Reached):
             call()
-    monkeypatch.setattr(pqjax.streaming, "open_weights", record)
+    monkeypatch.setattr(convert.loader, "open_weights", record)
     with pytest.raises(_Reached):
-        pqjax.streaming.stream_quantize(embedded_root(load_mod.EMBEDDED), [], pqjax.QuantConfig(),
-                                        tmp_path / "work", allow_pickle=True)
+        pqjax.engine.stream_quantize(embedded_root(load_mod.EMBEDDED), [], pqjax.QuantConfig(),
+                                     tmp_path / "work", allow_pickle=True)
     assert seen == [True, True, True, True]

@@ -29,8 +29,8 @@ from pqjax.quantize import QuantConfig
 from pqjax.report import QuantReport, model_order
 
 SECTIONS = ("config", "versions", "summary", "images", "layers", "worst", "channels")
-RTN = QuantConfig(weights="int4", acts="int4", group=64, method="rtn", progress=False)
-PQ = QuantConfig(weights="int4", acts="int4", group=64, method="permuquant", progress=False)
+RTN = QuantConfig(weights="int4", acts="int4", group=64, method="rtn")
+PQ = QuantConfig(weights="int4", acts="int4", group=64, method="permuquant")
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,18 @@ def test_rtn_error_of_every_layer_is_the_same_in_both_runs(run):
     rtn = _layers(run["out"] / run_name(RTN) / "report.json")
     pq = _layers(run["out"] / run_name(PQ) / "report.json")
     assert set(rtn) == set(pq) and len(rtn) > 10
-    # The same function of the same rows and weights: bit-identical, not merely close.
-    assert {k: r["err_rtn"] for k, r in pq.items()} == {k: r["err_rtn"] for k, r in rtn.items()}
+    # The same function of the same rows and weights: bit-identical, not merely close. The
+    # exception: the AdaLN linears, which read temb, a site spanning blocks, are scored in the
+    # engine's model stage, after their block's norm sites moved their output columns
+    # (modulation chunks); the same error summed in another column order agrees to float32
+    # rounding of a sum of ~1e3 positive terms (relative 1e-6).
+    late = {k for k in rtn if k.endswith(("norm1.linear", "norm1_context.linear",
+                                          "norm.linear"))}
+    assert late
+    assert ({k: r["err_rtn"] for k, r in pq.items() if k not in late}
+            == {k: r["err_rtn"] for k, r in rtn.items() if k not in late})
+    for k in late:
+        assert pq[k]["err_rtn"] == pytest.approx(rtn[k]["err_rtn"], rel=1e-6), k
     assert all(r["err"] == r["err_rtn"] for r in rtn.values())
     assert any(r["accepted"] for r in pq.values())  # the permuquant column is not all RTN
     assert all(r["err"] <= r["err_rtn"] for r in pq.values())

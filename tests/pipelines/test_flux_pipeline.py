@@ -86,7 +86,7 @@ def test_quantized_flux_pipeline_saves_and_restores(tmp_path):
     fp = pqjax.load_pipeline(tmp_path / "pipe")
     calib = pqjax.calibrate_pipeline(fp, ["a cat", "a dog"], num_steps=2, height=16, width=16,
                                      n_rows=32, progress=False)
-    q = pqjax.quantize_pipeline(fp, calib, pqjax.QuantConfig(progress=False))
+    q = pqjax.quantize_pipeline(fp, calib, pqjax.QuantConfig())
     kw = dict(num_steps=2, height=16, width=16, seed=3)
     images = q.generate(PROMPTS, **kw)
     restored = pqjax.restore(pqjax.save(q, tmp_path / "q"))
