@@ -119,7 +119,9 @@ def write_folder(root: Path, rehearse: bool = False) -> dict[str, Any]:
         "tokenizer_2": ["transformers", "T5TokenizerFast"],
         "transformer": ["diffusers", "FluxTransformer2DModel"],
         "vae": ["diffusers", "AutoencoderKL"]}))
-    return {"seconds": time.time() - t0, "bytes": folder_bytes(root)}
+    written = {"seconds": time.time() - t0, "bytes": folder_bytes(root)}
+    (root / "written.json").write_text(json.dumps(written))  # kept with a reused folder
+    return written
 
 
 def folder_bytes(path: Path) -> int:
@@ -280,9 +282,9 @@ def main() -> None:
     if args.child:
         return child(args.root, work, args.max_memory)
     disk_free = shutil.disk_usage(args.root.parent).free
-    written = (write_folder(args.root, args.rehearse)
-               if not (args.root / "model_index.json").is_file()
-               else {"seconds": None, "bytes": folder_bytes(args.root)})
+    written = (json.loads((args.root / "written.json").read_text())
+               if (args.root / "written.json").is_file()
+               else write_folder(args.root, args.rehearse))
     samples, phases, result = run_child(args.root, work, args.max_memory)
     stages = stage_times(work)
     work_bytes = folder_bytes(work)

@@ -28,6 +28,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from pqjax.models.layers import Linear
+from pqjax.state_jit import nnx_jit
 
 
 class Stat(nnx.Variable):
@@ -173,7 +174,7 @@ def calibrate(
         placed = jax.tree.map(lambda x: x.sharding, nnx.state(model))
         batches = (_shard_batch(b, mesh) for b in batches)
 
-        @nnx.jit
+        @nnx_jit
         def step(m: nnx.Module, batch: dict[str, Any]) -> tuple[Any, ...]:
             result = _observed(m, batch, fwd=fwd, keep=keep)
             # the state keeps its placement: the next batch reuses this program
@@ -230,7 +231,7 @@ def _observed(m: nnx.Module, batch: dict[str, Any], *, fwd: Callable[..., Any],
             jnp.stack([o.bad_tick[...] for o in observers]), out if keep else None)
 
 
-_observed_step = nnx.jit(_observed, static_argnames=("fwd", "keep"))
+_observed_step = nnx_jit(_observed, static_argnames=("fwd", "keep"))
 
 
 def _is_float(x: Any) -> bool:

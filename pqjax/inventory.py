@@ -322,12 +322,38 @@ def _builders() -> dict[type, Callable[[Any], Inventory]]:
     }
 
 
+def module_inventory(model: Any) -> Inventory:
+    """The inventory of a built (or abstract, `nnx.eval_shape`) module: what the builders
+    above compute from configs alone, read off the module itself."""
+    from flax import nnx
+
+    from pqjax.calibrate import linears
+
+    inv = Inventory()
+    for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        inv.params[".".join(map(str, path))] = tuple(v.get_value().shape)
+    for path, lin in linears(model):
+        inv.linears[path] = (lin.in_features, lin.out_features, lin.bias is not None)
+    return inv
+
+
 def inventory(config: Any) -> Inventory:
-    """The parameters of the module that `config` (a model config dataclass) builds."""
+    """The parameters of the module that `config` (a model config dataclass) builds: from the
+    config alone where a builder above knows it (milliseconds), else, for a transformer family
+    record's config, from its abstract module (seconds at full size; a new family needs no
+    builder, only its record)."""
     builders = _builders()
-    if type(config) not in builders:
-        raise TypeError(
-            f"no parameter inventory for {type(config).__name__}; known: "
-            f"{sorted(t.__name__ for t in builders)}"
-        )
-    return builders[type(config)](config)
+    if type(config) in builders:
+        return builders[type(config)](config)
+    from pqjax.models.family import families
+
+    for fam in families():
+        if type(config) is fam.config_class:
+            from flax import nnx
+
+            return module_inventory(
+                nnx.eval_shape(lambda f=fam: f.model_class(config, rngs=nnx.Rngs(0))))
+    raise TypeError(
+        f"no parameter inventory for {type(config).__name__}; known: "
+        f"{sorted(t.__name__ for t in builders)} and the family records' configs"
+    )

@@ -157,3 +157,14 @@ def test_models_import_no_backend_or_quantization():
         if name.startswith("pqjax.models"):
             bad = sorted(d for d in deps if d.startswith(upper))
             assert not bad, f"{name} imports {bad}"
+
+
+def test_only_the_layers_above_the_engine_import_it():
+    """The engine runs methods, quantization and models; the API, the CLI and the engine's
+    own modules import it, and nothing below (pipelines run a streamed model by its
+    behaviour: `eager`, `on_demand`)."""
+    above = ("pqjax.engine", "pqjax.api", "pqjax.cli")
+    for name, deps in import_graph().items():
+        if not name.startswith(above):
+            bad = sorted(d for d in deps if d.startswith("pqjax.engine"))
+            assert not bad, f"{name} imports {bad}"

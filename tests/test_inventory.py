@@ -137,3 +137,14 @@ def test_sana_and_zimage_parts_match_their_reference_modules():
         ]
     for config, module in refs:
         assert inventory(config).param_count == sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("cls, config", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_module_inventory_is_the_builders(cls, config):
+    """What a family without a builder gets (read off its abstract module) is what the
+    builders compute from the config."""
+    from pqjax.inventory import module_inventory
+
+    model = nnx.eval_shape(lambda: cls(config, dtype=jnp.bfloat16, rngs=OneKey()))
+    got, want = module_inventory(model), inventory(config)
+    assert got.params == want.params and got.linears == want.linears

@@ -251,34 +251,34 @@ def view_maker(source: Any, stages: Stages, store: Any) -> Callable[[dict[str, A
 def assemble_model(qview: nnx.Module, stages: Stages, store: Any, source: Any) -> nnx.Module:
     """The quantized model: the model stage's view with every quantized block in place, its
     deferred layers the model stage's."""
-    if stages.family is None:
-        return qview
-    blocks: dict[str, list[nnx.Module]] = {lst: [] for lst in stages.family.block_lists}
-    for block in stages.blocks:
-        q = store.module(block.name, lambda b=block: _block_abstract(
-            source, b.name, store.entry(b.name)["layout"]))
-        for r in stages.deferred_in(block):
-            set_module(q, r, module_at(qview, f"{block.name}.{r}"))
-        blocks[block.list_name].append(q)
-    for lst, items in blocks.items():
-        setattr(qview, lst, nnx.List(items))
-    return qview
+    def stored(block: Block) -> nnx.Module:
+        return store.module(block.name, lambda: _block_abstract(
+            source, block.name, store.entry(block.name)["layout"]))
+
+    return _with_blocks(qview, stages, stored)
 
 
 def _abstract_result(qview: nnx.Module, stages: Stages, store: Any, source: Any) -> nnx.Module:
     """The quantized model with shapes only (for the report when the blocks stay on disk)."""
+    return _with_blocks(nnx.clone(qview), stages, lambda block: _block_abstract(
+        source, block.name, store.entry(block.name)["layout"]))
+
+
+def _with_blocks(view: nnx.Module, stages: Stages, block_of: Callable[[Block], nnx.Module]
+                 ) -> nnx.Module:
+    """`view` with its stub lists replaced by `block_of(block)` for every block, each
+    block's deferred layers taken from the view."""
     if stages.family is None:
-        return qview
-    model = nnx.clone(qview)
+        return view
     blocks: dict[str, list[nnx.Module]] = {lst: [] for lst in stages.family.block_lists}
     for block in stages.blocks:
-        q = _block_abstract(source, block.name, store.entry(block.name)["layout"])
+        q = block_of(block)
         for r in stages.deferred_in(block):
-            set_module(q, r, module_at(qview, f"{block.name}.{r}"))
+            set_module(q, r, module_at(view, f"{block.name}.{r}"))
         blocks[block.list_name].append(q)
     for lst, items in blocks.items():
-        setattr(model, lst, nnx.List(items))
-    return model
+        setattr(view, lst, nnx.List(items))
+    return view
 
 
 __all__ = ["MODEL_STAGE", "Stub", "assemble_model", "place", "run"]

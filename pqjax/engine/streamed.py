@@ -1,13 +1,16 @@
-"""A full-precision transformer run one block at a time from its checkpoint.
+"""A transformer run one block at a time: from its checkpoint, or from memory.
 
     model = StreamedModel(CheckpointSource("flux-dev"))    # loads the embedders only
     out = model(hidden_states=x, ...)                      # the model's own forward
     pipe = load_pipeline("flux-dev", transformer=model)    # samplers run it step by step
+    model = StreamedModel(ModelSource(qmodel))             # a quantized model, block by block
 
-Each call reads every block from disk in turn, runs it (jitted, one program per block shape)
-and drops it, so memory holds the embedders, one block and the activations. The pipelines'
-samplers see `eager` and run their loop step by step in Python instead of in one jit; that is
-how `convert_and_quantize` gets calibration trajectories of a model larger than memory.
+Each call takes every block in turn (read from disk, or from the model), runs it (jitted, one
+program per block shape) and drops it, so memory holds the embedders, one block's weights
+and temporaries, and the activations. The pipelines' samplers see `eager` and run their loop
+step by step in Python instead of in one jit; that is how `convert_and_quantize` gets
+calibration trajectories of a model larger than memory, and how a pipeline samples with a
+quantized transformer under a memory budget (`pqjax.engine.result.StoredModel`).
 """
 
 from __future__ import annotations
@@ -19,16 +22,16 @@ from typing import Any
 import jax
 from flax import nnx
 
-from pqjax.engine.sources import CheckpointSource
 from pqjax.models.family import Carry
+from pqjax.state_jit import nnx_jit
 
 
-@functools.partial(nnx.jit, static_argnames=("fn",))
+@functools.partial(nnx_jit, static_argnames=("fn",))
 def _embed(shell: nnx.Module, inputs: dict[str, Any], *, fn: Any) -> Carry:
     return fn(shell, **inputs)
 
 
-@functools.partial(nnx.jit, static_argnames=("fn", "list_name"))
+@functools.partial(nnx_jit, static_argnames=("fn", "list_name"))
 def _block(block: nnx.Module, carry: Carry, *, fn: Any, list_name: str) -> Carry:
     return fn(block, list_name, carry)
 
@@ -38,19 +41,19 @@ def _enter(carry: Carry, *, fn: Any, list_name: str) -> Carry:
     return fn(list_name, carry)
 
 
-@functools.partial(nnx.jit, static_argnames=("fn",))
+@functools.partial(nnx_jit, static_argnames=("fn",))
 def _head(shell: nnx.Module, carry: Carry, *, fn: Any) -> Any:
     return fn(shell, carry)
 
 
 class StreamedModel:
-    """The transformer at `source`, callable like the model (keywords of its calibration
-    batches: diffusers' forward for FLUX and SANA, `forward_batch` for Z-Image), holding one
-    block at a time. `config` is the model's."""
+    """The transformer of `source` (`pqjax.engine.sources`), callable like the model
+    (keywords of its calibration batches: diffusers' forward for FLUX and SANA,
+    `forward_batch` for Z-Image), running one block at a time. `config` is the model's."""
 
     eager = True  # samplers: run the loop in Python, one step at a time
 
-    def __init__(self, source: CheckpointSource, shell: nnx.Module | None = None):
+    def __init__(self, source: Any, shell: nnx.Module | None = None):
         self.source = source
         self.runner = source.family.runner
         self.config = source.abstract.config

@@ -7,9 +7,9 @@
     carry = fam.runner.embed(model, **batch)        # how to run the model one block at a time
 
 Discovery: every module `pqjax/models/<name>_family.py` defines `FAMILY = Family(...)`, found
-by name; nothing else lists the families. Adding a model is its model file, its key map in
-`convert/keymaps/` (how diffusers names its weights), and one `<name>_family.py` (README,
-"Adding a model").
+by name; nothing else lists the families. Adding a model is its model file and one
+`<name>_family.py` (README, "Adding a model"), whose `checkpoints` say how its weights are
+named (`convert.registry` reads them there).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import jax
 from flax import nnx
 
 from pqjax.models.sites import Site
+from pqjax.models.spec import ModelSpec
 
 
 @jax.tree_util.register_static
@@ -85,8 +86,9 @@ class FamilyMemory:
 class Family:
     """A model family's record.
 
-    model_class: the NNX transformer; config_class: its config dataclass (parsed from
-    config.json by its key map, `checkpoint_classes` in `convert.keymaps`).
+    model_class: the NNX transformer; config_class: its config dataclass. checkpoints: how
+    its diffusers checkpoints map onto it (`pqjax.models.spec.ModelSpec`: the `_class_name`,
+    config parsing, key renames, block counts), read by `convert.registry`.
     pipelines: ((`model_index.json` class, "module:function"), ...): the loader
     `fn(root, dtype, *, allow_pickle, max_memory) -> Pipeline` of each pipeline class (named,
     not imported: pipelines sit above the models).
@@ -113,7 +115,7 @@ class Family:
     name: str
     model_class: type
     config_class: type
-    checkpoint_classes: tuple[str, ...]
+    checkpoints: tuple[ModelSpec, ...]
     pipelines: tuple[tuple[str, str], ...]
     components: tuple[tuple[str, str], ...]
     sites: Callable[[nnx.Module], list[Site]]
@@ -124,6 +126,11 @@ class Family:
     runner: Runner | None = None
     cross_block_layers: tuple[str, ...] = ()
     saved_parts: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def checkpoint_classes(self) -> tuple[str, ...]:
+        """The diffusers `_class_name`s of this family's transformer checkpoints."""
+        return tuple(spec.class_name for spec in self.checkpoints)
 
     def image_tokens(self, config: Any, height: int, width: int) -> int:
         """Image tokens the transformer sees for a `height` x `width` image."""

@@ -12,6 +12,7 @@ from typing import Any
 from pqjax.models.family import Carry, Family, FamilyMemory, Runner
 from pqjax.models.flux import FluxConfig, FluxTransformer2DModel
 from pqjax.models.sites import Site, linear_out, modulation
+from pqjax.models.spec import ModelSpec
 
 # Per double-block stream: (AdaLN-Zero norm, q, k, v, second norm, feed-forward).
 STREAMS = (
@@ -134,11 +135,18 @@ def flux_presets() -> dict[str, dict[str, Any]]:
     }
 
 
+# diffusers' checkpoints: module names mirror diffusers', so no key renames are needed
+CHECKPOINT = ModelSpec(
+    "FluxTransformer2DModel", FluxTransformer2DModel, FluxConfig,
+    block_counts=(("transformer_blocks", "num_layers"),
+                  ("single_transformer_blocks", "num_single_layers")),
+)
+
 FAMILY = Family(
     name="flux",
     model_class=FluxTransformer2DModel,
     config_class=FluxConfig,
-    checkpoint_classes=("FluxTransformer2DModel",),
+    checkpoints=(CHECKPOINT,),
     pipelines=(
         ("FluxPipeline", "pqjax.pipelines.flux:load_flux"),
         ("TinyFluxDigitsPipeline", "pqjax.pipelines.load:load_tiny"),

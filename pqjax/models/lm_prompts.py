@@ -22,11 +22,11 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from pqjax.models.gemma2 import Gemma2Model
 from pqjax.models.lm_tokenizer import LMTokenizer
 from pqjax.models.qwen3 import Qwen3Model
+from pqjax.state_jit import nnx_jit
 
 # SanaPipeline.__call__'s default complex_human_instruction (diffusers 0.32+).
 SANA_COMPLEX_HUMAN_INSTRUCTION: tuple[str, ...] = (
@@ -74,7 +74,7 @@ def sana_prompt_ids(tokenizer: LMTokenizer, prompts: str | Sequence[str], *,
     return tokenizer(texts, max_length=length)
 
 
-@nnx.jit
+@nnx_jit
 def _last_hidden(model: Gemma2Model, ids: jax.Array, mask: jax.Array) -> jax.Array:
     return model(ids, mask)
 
@@ -133,6 +133,6 @@ def zimage_encode_prompt(
     return feats, mask.sum(axis=1)
 
 
-@nnx.jit(static_argnums=3)
+@nnx_jit(static_argnums=3)
 def _hidden_state(model: Qwen3Model, ids: jax.Array, mask: jax.Array, layer: int) -> jax.Array:
     return model.hidden_state(ids, mask, layer=layer)

@@ -32,6 +32,7 @@ from pqjax.models.family import Carry, Family, FamilyMemory, Runner, Static
 from pqjax.models.paths import module_at
 from pqjax.models.sana import SanaConfig, SanaTransformer2DModel
 from pqjax.models.sites import Edit, Site, linear_out
+from pqjax.models.spec import ModelSpec
 
 # (norm, scale_shift_table shift row, scale row, consumers relative to the block)
 NORM_SITES = (
@@ -165,11 +166,19 @@ def sana_presets() -> dict[str, dict[str, Any]]:
                               "vae": SANA_DCAE}}
 
 
+# diffusers' checkpoints: module names mirror diffusers', so no key renames are needed;
+# `patch_embed.pos_embed` is a non-persistent buffer there (absent from checkpoints), which the
+# NNX model recomputes from the config
+CHECKPOINT = ModelSpec(
+    "SanaTransformer2DModel", SanaTransformer2DModel, SanaConfig,
+    block_counts=(("transformer_blocks", "num_layers"),),
+)
+
 FAMILY = Family(
     name="sana",
     model_class=SanaTransformer2DModel,
     config_class=SanaConfig,
-    checkpoint_classes=("SanaTransformer2DModel",),
+    checkpoints=(CHECKPOINT,),
     pipelines=(("SanaPipeline", "pqjax.pipelines.sana_pipeline:load_sana"),),
     components=(("transformer", "SanaTransformer2DModel"), ("text_encoder", "Gemma2Model"),
                 ("vae", "AutoencoderDC")),

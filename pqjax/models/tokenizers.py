@@ -24,11 +24,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from convert.resolve import resolve
 from pqjax.models.clip import CLIPTextModel
 from pqjax.models.t5 import T5EncoderModel
+from pqjax.state_jit import nnx_jit
 
 logger = logging.getLogger(__name__)
 
@@ -143,12 +143,12 @@ def t5_input_ids(
     return _tokenize(tokenizer, _as_list(prompts, "prompts"), max_sequence_length, "T5")
 
 
-@nnx.jit
+@nnx_jit
 def _clip_pooled(model: CLIPTextModel, ids: jax.Array) -> jax.Array:
     return model(ids).pooler_output
 
 
-@nnx.jit
+@nnx_jit
 def _t5_hidden(model: T5EncoderModel, ids: jax.Array) -> jax.Array:
     return model(ids)
 

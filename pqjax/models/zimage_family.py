@@ -14,6 +14,7 @@ from typing import Any
 
 from pqjax.models.family import Carry, Family, FamilyMemory, Runner, Static
 from pqjax.models.sites import Site, linear_out, modulation
+from pqjax.models.spec import ModelSpec
 from pqjax.models.zimage import ZImageConfig, ZImageTransformer2DModel
 from pqjax.models.zimage_blocks import ffn_hidden, unpatchify
 
@@ -125,11 +126,19 @@ def zimage_presets() -> dict[str, dict[str, Any]]:
                               "vae": FLUX_VAE_CONFIG}}
 
 
+# diffusers' checkpoints: module names mirror diffusers' (`all_x_embedder.2-1` is an nnx.Dict
+# entry, the pad tokens raw parameters), so no key renames are needed
+CHECKPOINT = ModelSpec(
+    "ZImageTransformer2DModel", ZImageTransformer2DModel, ZImageConfig,
+    block_counts=(("layers", "n_layers"), ("noise_refiner", "n_refiner_layers"),
+                  ("context_refiner", "n_refiner_layers")),
+)
+
 FAMILY = Family(
     name="zimage",
     model_class=ZImageTransformer2DModel,
     config_class=ZImageConfig,
-    checkpoint_classes=("ZImageTransformer2DModel",),
+    checkpoints=(CHECKPOINT,),
     pipelines=(("ZImagePipeline", "pqjax.pipelines.zimage_pipeline:load_zimage"),),
     components=(("transformer", "ZImageTransformer2DModel"), ("text_encoder", "Qwen3Model"),
                 ("vae", "AutoencoderKL")),

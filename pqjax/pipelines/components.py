@@ -36,6 +36,15 @@ def held(component: Any) -> Any:
     return component.load() if getattr(component, "on_demand", False) else component
 
 
+def for_sampling(component: Any) -> Any:
+    """The model a sampler runs: a transformer kept on disk loads now; one that asks to be run
+    block by block (`sampling_model()`, e.g. `pqjax.engine.result.StoredModel`) comes as a
+    model that runs one jitted block at a time (samplers see its `eager` and loop in Python)."""
+    if hasattr(component, "sampling_model"):
+        return component.sampling_model()
+    return held(component)
+
+
 def parse_bytes(value: int | float | str | None, what: str = "max_memory") -> int | None:
     """A byte count: a number, or a string such as "16GiB", "24 GB", "512MiB" (None: none)."""
     if value is None:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pqjax.pipelines.components import held
+from pqjax.pipelines.components import for_sampling
 from pqjax.pipelines.flow import (
     FlowMatchEuler,
     StepProgress,
@@ -148,8 +148,8 @@ def _sample(
 def sample(model: Any, *args: Any, trajectory: bool = False, progress: bool = False) -> Any:
     """`_sample` of `model`: in one jit, or step by step for a model that runs eagerly
     (`pqjax.engine.streamed.StreamedModel`, one block in memory at a time). A model kept on
-    disk (`held`) loads here, after the prompts were encoded."""
-    model = held(model)
+    disk loads here, after the prompts were encoded (`for_sampling`)."""
+    model = for_sampling(model)
     if not getattr(model, "eager", False):
         graphdef, state = nnx.split(model)
         return _sample(graphdef, state, *args, trajectory=trajectory, progress=progress)

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pqjax.pipelines.components import held
+from pqjax.pipelines.components import for_sampling
 
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 4.5
@@ -188,8 +188,8 @@ def _velocity(model: Any, latents, timesteps, ctx, mask, guidance_scale, cfg: bo
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "solver_type", "cfg", "trajectory"))
-def _sample(graphdef, state, latents, sigmas, timesteps, second_order, ctx, mask, guidance_scale,
-            *, solver_type: str, cfg: bool, trajectory: bool = False):
+def _sample(graphdef, state, latents, sigmas, timesteps, second_order, ctx, mask,
+                 guidance_scale, *, solver_type: str, cfg: bool, trajectory: bool = False):
     velocity = _velocity(nnx.merge(graphdef, state), latents, timesteps, ctx, mask,
                          guidance_scale, cfg)
     return flow_dpm_solve(velocity, latents, sigmas, second_order, solver_type, trajectory)
@@ -224,7 +224,7 @@ def sana_sample(model: nnx.Module, latents: jax.Array, schedule: SanaSchedule,
     (classifier-free guidance on the doubled batch). guidance_scale is traced: changing it does
     not recompile, only a new shape, schedule length or CFG on/off does.
     """
-    model = held(model)  # a transformer kept on disk loads now, after the prompts' encoding
+    model = for_sampling(model)  # one kept on disk loads now, after the prompts' encoding
     config = getattr(model, "config", None)
     if getattr(config, "guidance_embeds", False):
         raise ValueError("guidance-embedding models (SANA-Sprint) use a different sampler")

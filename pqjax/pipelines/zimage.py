@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pqjax.pipelines.components import held
+from pqjax.pipelines.components import for_sampling
 from pqjax.pipelines.flow import FlowMatchEuler
 
 DEFAULT_STEPS = 8
@@ -113,7 +113,7 @@ def zimage_sample(model: nnx.Module, latents: jax.Array, schedule: tuple[np.ndar
 
     guidance > 0: classifier-free guidance against `negative` = (features `(b, L', cap_dim)`,
     lengths `(b,)`), with the pipeline's truncation and normalization (module docstring)."""
-    model = held(model)  # a transformer kept on disk loads now, after the prompts' encoding
+    model = for_sampling(model)  # one kept on disk loads now, after the prompts' encoding
     sigmas, timesteps = schedule
     scales = None
     if guidance > 0:

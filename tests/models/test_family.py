@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import convert
+from convert import registry
 from pqjax import checkpoint, permute
 from pqjax.calibrate import linears
 from pqjax.models import family as fam_mod
@@ -103,6 +104,7 @@ from flax import nnx
 from pqjax.models.family import Family, FamilyMemory
 from pqjax.models.layers import Linear
 from pqjax.models.sites import Site, linear_out
+from pqjax.models.spec import ModelSpec
 
 
 class ToyConfig:
@@ -122,7 +124,8 @@ def toy_sites(model):
 
 
 FAMILY = Family(
-    name="toy", model_class=ToyDiT, config_class=ToyConfig, checkpoint_classes=("ToyDiT",),
+    name="toy", model_class=ToyDiT, config_class=ToyConfig,
+    checkpoints=(ModelSpec("ToyDiT", ToyDiT, ToyConfig),),
     pipelines=(), components=(("transformer", "ToyDiT"),), sites=toy_sites, keep_16bit=(),
     block_lists=("blocks",),
     memory=lambda c, preset: FamilyMemory(4, 1, 8, 8, 4, True, True, "toy"),
@@ -132,8 +135,8 @@ FAMILY = Family(
 
 
 def test_adding_a_model_is_one_record(tmp_path, monkeypatch):
-    """A new `<name>_family.py` on the models package's path is found, and permute.sites
-    serves its model; nothing else is edited."""
+    """A new `<name>_family.py` on the models package's path is found: permute.sites serves
+    its model, convert reads its checkpoints by its class name; nothing else is edited."""
     (tmp_path / "toy_family.py").write_text(TOY)
     import pqjax.models
 
@@ -146,6 +149,7 @@ def test_adding_a_model_is_one_record(tmp_path, monkeypatch):
         assert [s.name for s in permute.sites(model)] == ["blocks.0.hidden"]
         assert [p for p, _ in record.blocks(model)] == ["blocks.0"]
         assert checkpoint.components()["ToyDecoder"] == "toy_family:ToyDecoder"
+        assert registry.spec_for_class_name("ToyDiT", "config.json").module is record.model_class
     finally:
         fam_mod.families.cache_clear()
         sys.modules.pop("pqjax.models.toy_family", None)
