@@ -42,6 +42,8 @@ from pqjax.permute.criteria import ChannelStats, get_criterion
 from pqjax.permute.refine import refine_order
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+# Above this many consumers, a site's errors are computed one consumer after another.
+SEQUENTIAL_FROM = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,16 +121,28 @@ def quant_error(
     xp = x[:, perm]
     xr = xp if transform is None else transform(xp)
     xq = xr if afmt is None else afmt.fake_quant(xr, dtype=jnp.float32)
-    nums, dens = [], []
-    for w in ws:
+
+    def one(w: jax.Array) -> tuple[jax.Array, jax.Array]:
         wp = w[perm].astype(jnp.float32)
         wr = wp if transform is None else transform(wp.T).T  # T^T W: each output's row times T
         wq = wr if wfmt is None else wfmt.fake_quant(wr.T, dtype=jnp.float32).T
         y = jnp.dot(xp, wp, precision=_HIGHEST)
         yq = jnp.dot(xq, wq, precision=_HIGHEST)
-        nums.append(jnp.sum(jnp.square(y - yq)))
-        dens.append(jnp.sum(jnp.square(y)))
-    return jnp.stack(nums), jnp.stack(dens)
+        return jnp.sum(jnp.square(y - yq)), jnp.sum(jnp.square(y))
+
+    if len(ws) <= SEQUENTIAL_FROM:
+        nums, dens = zip(*[one(w) for w in ws], strict=True)
+        return jnp.stack(nums), jnp.stack(dens)
+
+    # Many consumers (FLUX's temb site: 77 kernels, 3.2 B weights): one kernel per step of a
+    # loop, so one kernel's float32 copies are live at a time. Written straight, XLA's CPU
+    # scheduler started every kernel's work at once: 8 bytes of temporaries per weight.
+    def body(i: jax.Array, acc: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        num, den = jax.lax.switch(i, [functools.partial(one, w) for w in ws])
+        return acc[0].at[i].set(num), acc[1].at[i].set(den)
+
+    zeros = jnp.zeros((len(ws),), jnp.float32)
+    return jax.lax.fori_loop(0, len(ws), body, (zeros, zeros))
 
 
 def _transform(rotate: str | tuple[dict[str, jax.Array], int] | None) -> Any:

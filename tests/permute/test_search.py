@@ -199,3 +199,32 @@ def test_zigzag_spreads_sorted_channels_across_groups():
 def test_bad_shapes_are_reported():
     with pytest.raises(ValueError, match=r"x must be \(tokens, d_in\)"):
         permute.search(jnp.zeros((4, 8)), jnp.zeros((7, 3)))
+
+
+def test_a_site_with_many_consumers_scores_them_one_after_another():
+    """Above SEQUENTIAL_FROM consumers the errors are computed in a loop, one kernel at a
+    time: the same per-kernel errors as scoring each alone (float32 sums of other programs:
+    relative 1e-5), and temporaries that do not grow with the number of consumers (XLA's
+    memory analysis of the compiled search)."""
+    import importlib
+
+    impl = importlib.import_module("pqjax.permute.search")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((32, 64)) * np.exp(rng.standard_normal(64)), jnp.float32)
+    ws = [jnp.asarray(rng.standard_normal((64, 48)), jnp.float32)
+          for _ in range(impl.SEQUENTIAL_FROM + 3)]
+    res = permute.search(x, ws, weights="nvfp4", acts="nvfp4")
+    fmt = formats.get("nvfp4")
+    alone = [permute.layer_errors(x, [w], np.arange(64), fmt, fmt)[0] for w in ws]
+    np.testing.assert_allclose(res.layer_err_identity, alone, rtol=1e-5)
+
+    def temp(n):
+        shapes = tuple(jax.ShapeDtypeStruct((256, 1024), jnp.float32) for _ in range(n))
+        args = (jax.ShapeDtypeStruct((16, 256), jnp.float32), shapes, None, None,
+                jax.random.key(0))
+        compiled = impl._search.lower(*args, wfmt=fmt, afmt=fmt,
+                                      candidates=(("joint_second_moment", 0.5),),
+                                      segments=((256, 256),), rotations=(None,)).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    assert temp(4 * impl.SEQUENTIAL_FROM) <= 1.2 * temp(impl.SEQUENTIAL_FROM + 1)
