@@ -117,24 +117,11 @@ def run(source: Any, stages: Stages, stats: Any, store: Any, config: QuantConfig
             _resume(stats, store, source, stages, resume_after, digest)
             resume_after = None
         bar.set_postfix_str(block.name)
-        started = time.time()
-        h = None if digest is None else digest()
-        fp = source.block(block.name, h)
-        calib = stats.block(block, fp)
-        targets = stages.block_targets(block)
-        plan = method(fp, calib, config, targets, stages.block_sites[block.name])
-        q = apply_plan(plan, calib, config, targets)
-        layers, perms = module_layout(q)
-        aux = _aux(plan, calib, block.name, stages.deferred_in(block))
-        entry = {"list": block.list_name, "layout": {"layers": layers, "perms": perms},
-                 "layers": prefixed(plan.layers, block.name),
-                 "sites": prefixed(plan.sites, block.name),
-                 "source_sha256": None if h is None else h.hexdigest(),
-                 "started": started, "seconds": time.time() - started}
+        q, entry, aux = _block_stage(block, source, stats, stages, method, config, digest)
         store.put(block.name, q, entry, aux, stats.carries if carries else None)
         rows.add(entry, aux)
         deferred.update(aux.stats)
-        del fp, q, plan
+        del q
         bar.update(1)
         done_now += 1
         if stop_after is not None and done_now >= stop_after and k + 1 < len(stages.blocks):
@@ -142,24 +129,15 @@ def run(source: Any, stages: Stages, stats: Any, store: Any, config: QuantConfig
     if resume_after is not None and store.entry(MODEL_STAGE) is None:
         _resume(stats, store, source, stages, resume_after, digest)
     bar.set_postfix_str(MODEL_STAGE)
-    view_abstract = view_maker(source, stages, store)
     entry = store.entry(MODEL_STAGE)
     if entry is None:
-        started = time.time()
-        calib = {**stats.finish(shell), **deferred}
-        view = _view(shell, stages, store, source)
-        targets = stages.targets[""]
-        plan = method(view, calib, config, targets, stages.model_sites)
-        qview = apply_plan(plan, calib, config, targets)
-        layers, perms = module_layout(qview)
-        aux = _aux(plan, calib, "", [])
-        entry = {"layout": {"layers": layers, "perms": perms}, "layers": plan.layers,
-                 "sites": plan.sites, "started": started, "seconds": time.time() - started}
+        qview, entry, aux = _model_stage(shell, {**stats.finish(shell), **deferred}, source,
+                                         stages, store, method, config)
         store.put(MODEL_STAGE, qview, entry, aux)
-        del view, plan
     else:
         aux = store.aux(MODEL_STAGE)
-        qview = store.module(MODEL_STAGE, lambda: view_abstract(entry["layout"]))
+        qview = store.module(MODEL_STAGE, lambda: view_maker(source, stages, store)(
+            entry["layout"]))
     rows.add(entry, aux)
     bar.update(1)
     bar.close()
@@ -169,6 +147,44 @@ def run(source: Any, stages: Stages, stats: Any, store: Any, config: QuantConfig
         config, Plan(model=qmodel, layers=rows.layers, sites=rows.sites, perms=rows.perms),
         time.perf_counter() - t0, act_absmax=rows.absmax)
     return qmodel, report
+
+
+def _block_stage(block: Block, source: Any, stats: Any, stages: Stages, method: Any,
+                 config: QuantConfig, digest: Callable[[], Any] | None
+                 ) -> tuple[nnx.Module, dict[str, Any], Aux]:
+    """One block: its weights, its statistics, the method on its own sites, the plan applied.
+    Returns (quantized block, manifest entry, arrays besides)."""
+    started = time.time()
+    h = None if digest is None else digest()
+    fp = source.block(block.name, h)
+    calib = stats.block(block, fp)
+    targets = stages.block_targets(block)
+    plan = method(fp, calib, config, targets, stages.block_sites[block.name])
+    q = apply_plan(plan, calib, config, targets)
+    layers, perms = module_layout(q)
+    entry = {"list": block.list_name, "layout": {"layers": layers, "perms": perms},
+             "layers": prefixed(plan.layers, block.name),
+             "sites": prefixed(plan.sites, block.name),
+             "source_sha256": None if h is None else h.hexdigest(),
+             "started": started, "seconds": time.time() - started}
+    return q, entry, _aux(plan, calib, block.name, stages.deferred_in(block))
+
+
+def _model_stage(shell: nnx.Module, calib: Calibration, source: Any, stages: Stages,
+                 store: Any, method: Any, config: QuantConfig
+                 ) -> tuple[nnx.Module, dict[str, Any], Aux]:
+    """The layers outside the blocks and the deferred ones, in a view of the model, with the
+    sites that span blocks. Returns (quantized view, manifest entry, arrays besides)."""
+    started = time.time()
+    view = _view(shell, stages, store, source)
+    targets = stages.targets[""]
+    plan = method(view, calib, config, targets, stages.model_sites)
+    del view  # the plan's model holds what it changed; what it did not, it shares
+    qview = apply_plan(plan, calib, config, targets)
+    layers, perms = module_layout(qview)
+    entry = {"layout": {"layers": layers, "perms": perms}, "layers": plan.layers,
+             "sites": plan.sites, "started": started, "seconds": time.time() - started}
+    return qview, entry, _aux(plan, calib, "", [])
 
 
 def _aux(plan: Plan, calib: Calibration, prefix: str, deferred: list[str]) -> Aux:

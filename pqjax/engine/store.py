@@ -181,6 +181,7 @@ class WorkDir:
         self.manifest_path = self.root / MANIFEST
         self.identity = json.loads(json.dumps(identity, default=float))
         self.manifest = {"format": FORMAT, "identity": self.identity, "stages": {}}
+        self._checked: dict[Path, tuple[str, int, int]] = {}  # files whose sha256 matched
         if self.manifest_path.exists():
             old = self._read_manifest()
             if not resume:
@@ -217,13 +218,20 @@ class WorkDir:
         return self.root / folder / f"{name}{suffix}.safetensors"
 
     def _verified(self, name: str, kind: str) -> Checkpoint:
+        """The file, opened, once its size and sha256 are the recorded ones (hashed once per
+        process while its size and modification time stay as they were)."""
         path = self._file(name, kind)
         want = self.manifest["stages"][name]["files"][kind]
         if not path.is_file():
             raise CheckpointError(f"{path}: missing (recorded for finished stage {name})")
-        if path.stat().st_size != want["size"] or file_sha256(path) != want["sha256"]:
-            raise CheckpointError(f"{path}: damaged: its content differs from its recorded "
-                                  f"sha256 (stage {name}); delete the work folder to start over")
+        stat = path.stat()
+        seen = (want["sha256"], stat.st_size, stat.st_mtime_ns)
+        if self._checked.get(path) != seen:
+            if stat.st_size != want["size"] or file_sha256(path) != want["sha256"]:
+                raise CheckpointError(
+                    f"{path}: damaged: its content differs from its recorded sha256 (stage "
+                    f"{name}); delete the work folder to start over")
+            self._checked[path] = seen
         return Checkpoint.open(path)
 
     def entry(self, name: str) -> dict[str, Any] | None:
@@ -241,6 +249,10 @@ class WorkDir:
                  "aux": write_arrays(self._file(name, "aux"), aux_arrays(aux))}
         if carries is not None:
             files["carries"] = write_arrays(self._file(name, "carries"), carry_arrays(carries))
+        for kind, rec in files.items():  # hashed as written: no need to hash them again
+            stat = self._file(name, kind).stat()
+            self._checked[self._file(name, kind)] = (rec["sha256"], stat.st_size,
+                                                     stat.st_mtime_ns)
         previous = [s for s, e in self.manifest["stages"].items() if "carries" in e["files"]]
         for old in previous:  # only the newest carries are needed to resume
             del self.manifest["stages"][old]["files"]["carries"]
