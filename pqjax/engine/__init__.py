@@ -81,7 +81,8 @@ def stream_quantize(
     """Quantize the transformer at `source` (a name or folder) one block in memory at a time.
 
     batches: the transformer's inputs along full-precision trajectories (`calibration_batches`
-    of its pipeline, or `pqjax.engine.streamed.trajectory_batches`); dtype: of the weights (None:
+    of its pipeline; loaded with `transformer=StreamedModel(CheckpointSource(source))`
+    (`pqjax.engine.streamed`) for a model larger than memory); dtype: of the weights (None:
     the checkpoint's own). Finished blocks go to `work_dir`; rerunning the same call resumes
     there (resume=False refuses a folder that holds a run). assemble=False leaves the result
     in `work_dir` (`load_result`) and returns (None, report). stop_after: stop after that many
