@@ -140,6 +140,21 @@ def child(root: Path, work: Path, budget: str) -> None:
     def stamp(phase: str) -> None:
         print(f"PHASE {phase} {time.time()}", flush=True)
 
+    def stamped(name: str, fn: Any) -> Any:  # marks where the call's pieces begin and end
+        def call(*args: Any, **kwargs: Any) -> Any:
+            stamp(f"{name}_start")
+            out = fn(*args, **kwargs)
+            stamp(f"{name}_end")
+            return out
+
+        return call
+
+    from pqjax.engine.result import StoredModel
+    from pqjax.pipelines.flux import FluxTextEncoders, VAEDecoder
+
+    FluxTextEncoders.encode = stamped("encode", FluxTextEncoders.encode)
+    VAEDecoder.decode = stamped("decode", VAEDecoder.decode)
+    StoredModel.sampling_model = stamped("load_quantized", StoredModel.sampling_model)
     stamp("quantize")
     config = pqjax.QuantConfig(weights="nvfp4", acts="nvfp4", method="permuquant")
     pipe = pqjax.convert_and_quantize(root, config, PROMPTS, calib_steps=STEPS, height=SIZE,
@@ -174,13 +189,15 @@ def run_child(root: Path, work: Path, budget: str
                              "--work", str(work), "--max-memory", budget],
                             stdout=subprocess.PIPE, text=True)
     samples: list[tuple[float, int]] = []
-    phases: dict[str, float] = {}
+    phases: dict[str, float] = {}  # the first time each mark was printed
     result: list[Any] = []
 
     def read() -> None:
         for line in proc.stdout:
             if line.startswith("PHASE "):
                 _, name, t = line.split()
+                if name in phases:  # a piece run again: its marks numbered from 2
+                    name += f"#{sum(n.split('#')[0] == name for n in phases) + 1}"
                 phases[name] = float(t)
             elif line.startswith("RESULT "):
                 result.append(json.loads(line[len("RESULT "):]))
@@ -215,6 +232,18 @@ def stage_times(work: Path) -> dict[str, Any]:
     }
 
 
+def pieces(samples: list[tuple[float, int]], phases: dict[str, float]) -> dict[str, Any]:
+    """Seconds and peak RSS of generate's pieces: the prompts' encoding, the quantized
+    transformer's load, the sampling, the decoding."""
+    marks = [("encode", "encode_start#2", "encode_end#2"),
+             ("load_quantized", "load_quantized_start", "load_quantized_end"),
+             ("sample", "load_quantized_end", "decode_start"),
+             ("decode", "decode_start", "decode_end")]
+    return {name: {"seconds": phases[b] - phases[a], "peak_rss_gib": peak(samples, phases[a],
+                                                                          phases[b])}
+            for name, a, b in marks if a in phases and b in phases}
+
+
 def peak(samples: list[tuple[float, int]], start: float, end: float) -> float:
     inside = [n for t, n in samples if start <= t < end]
     return max(inside, default=0) / GiB
@@ -245,26 +274,45 @@ def flops(n_img: int, n_txt: int) -> dict[str, float]:
     return {"linear": total, "attention": attention, "forward": total + attention}
 
 
-def project(measured: dict[str, Any]) -> dict[str, Any]:
-    """The run's work on GPUs: each forward at MFU of the dense bf16 peak, plus, for the
-    block-by-block path, the weights read once per trajectory step and once for the
-    quantization, over the host link."""
-    f = flops(SIZE * SIZE // 256, 512)["forward"]
-    forwards = {"trajectories": STEPS * len(PROMPTS), "calibration": STEPS * len(PROMPTS),
-                "generate": STEPS}
+def cpu_matmul_gflops() -> float:
+    """This machine's bf16 matmul throughput at a FLUX.1-dev MLP's shape (1536 tokens)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((1536, 3072), jnp.bfloat16)
+    b = jnp.ones((3072, 12288), jnp.bfloat16)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    f(a, b).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        f(a, b).block_until_ready()
+    return 5 * 2 * 1536 * 3072 * 12288 / (time.perf_counter() - t0) / 1e9
+
+
+PROJECTED = ("load_encode_trajectories", "block_stages", "model_stage", "generate")
+NVME_GBS = 7.0
+
+
+def project(seconds: dict[str, float], cpu_gflops: float) -> dict[str, Any]:
+    """Each measured phase on a GPU: its CPU seconds times this CPU's measured bf16 matmul
+    throughput over the GPU's (MFU of its dense peak), plus, where the phase reads the
+    full-precision weights block by block (the trajectories once per step, the block stages
+    once), those bytes over the host link."""
     weights = 11.9e9 * 2  # bf16 bytes
+    reads = {"load_encode_trajectories": STEPS, "block_stages": 1}
     out = {}
     for gpu, spec in GPUS.items():
-        compute = {k: n * f / (spec["tflops"] * 1e12 * MFU) for k, n in forwards.items()}
-        streaming = (STEPS + 1) * weights / (spec["pcie_gbs"] * 1e9)
-        out[gpu] = {**{f"{k}_s": v for k, v in compute.items()},
-                    "weight_streaming_s": streaming,
-                    "quantize_total_s": compute["trajectories"] + compute["calibration"]
-                    + streaming,
-                    "cpu_over_gpu": measured["quantize_s"] / (compute["trajectories"]
-                                                             + compute["calibration"]
-                                                             + streaming)}
-    return {"flops_per_forward": f, "forwards": forwards, "mfu": MFU, "gpus": out}
+        scale = cpu_gflops * 1e9 / (spec["tflops"] * 1e12 * MFU)
+        phases = {k: seconds[k] * scale + reads.get(k, 0) * weights / (spec["pcie_gbs"] * 1e9)
+                  for k in PROJECTED}
+        quantize = sum(v for k, v in phases.items() if k != "generate")
+        streamed = (STEPS + 1) * weights
+        out[gpu] = {**{f"{k}_s": v for k, v in phases.items()}, "quantize_s": quantize,
+                    "quantize_weights_from_nvme_s": quantize - streamed / (spec["pcie_gbs"] * 1e9)
+                    + streamed / (NVME_GBS * 1e9)}
+    return {"cpu_bf16_matmul_gflops": cpu_gflops, "mfu": MFU,
+            "flops_per_image_forward": flops(SIZE * SIZE // 256, 512)["forward"],
+            "gpus": out}
 
 
 def main() -> None:
@@ -285,6 +333,7 @@ def main() -> None:
     written = (json.loads((args.root / "written.json").read_text())
                if (args.root / "written.json").is_file()
                else write_folder(args.root, args.rehearse))
+    cpu_gflops = cpu_matmul_gflops()
     samples, phases, result = run_child(args.root, work, args.max_memory)
     stages = stage_times(work)
     work_bytes = folder_bytes(work)
@@ -299,6 +348,7 @@ def main() -> None:
         "peak_rss_gib_block_stages": peak(samples, stages["first_block_started"],
                                           stages["model_stage_started"]),
         "peak_rss_gib_model_stage": peak(samples, stages["model_stage_started"], t_g),
+        "generate_pieces": pieces(samples, phases),
         "seconds": {"write_folder": written["seconds"], "quantize": t_g - t_q,
                     "load_encode_trajectories": stages["first_block_started"] - t_q,
                     "block_stages": stages["model_stage_started"]
@@ -313,7 +363,7 @@ def main() -> None:
         "blocks": stages["blocks"],
         "samples": len(samples),
     }
-    payload["projection"] = project({"quantize_s": payload["seconds"]["quantize"]})
+    payload["projection"] = project(payload["seconds"], cpu_gflops)
     if not args.rehearse:
         write_results("flux_full_scale", payload, markdown(payload))
     print(markdown(payload))
@@ -348,17 +398,25 @@ def markdown(r: dict[str, Any]) -> str:
         f"Mean block stage: double {s['double_block_mean']:.1f} s, single "
         f"{s['single_block_mean']:.1f} s.",
         "",
-        "Projection (compute at the stated MFU of the dense bf16 peak, weights streamed over "
-        "the host link once per trajectory step and once to quantize):",
+        "Generate's pieces: " + ", ".join(
+            f"{k} {v['seconds']:.0f} s, {v['peak_rss_gib']:.2f} GiB"
+            for k, v in r["generate_pieces"].items()) + ".",
         "",
-        "| GPU | trajectories s | calibration s | weight streaming s | quantize s | "
-        "this CPU / GPU |",
-        "|---|---|---|---|---|---|",
+        f"Projection: each phase's CPU seconds times this CPU's bf16 matmul throughput "
+        f"({r['projection']['cpu_bf16_matmul_gflops']:.0f} GFLOP/s, measured in the run) over "
+        f"the GPU's at {r['projection']['mfu']:.0%} of its dense bf16 peak, plus the "
+        "full-precision weights read block by block (once per trajectory step, once for the "
+        "block stages) over PCIe 5 x16 (55 GB/s, the checkpoint in the host's page cache):",
+        "",
+        "| GPU | trajectories s | block stages s | model stage s | quantize s | generate s | "
+        "quantize, weights from NVMe s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for gpu, g in r["projection"]["gpus"].items():
-        lines.append(f"| {gpu} | {g['trajectories_s']:.1f} | {g['calibration_s']:.1f} | "
-                     f"{g['weight_streaming_s']:.1f} | {g['quantize_total_s']:.1f} | "
-                     f"{g['cpu_over_gpu']:.0f}x |")
+        lines.append(f"| {gpu} | {g['load_encode_trajectories_s']:.1f} | "
+                     f"{g['block_stages_s']:.1f} | {g['model_stage_s']:.1f} | "
+                     f"{g['quantize_s']:.1f} | {g['generate_s']:.1f} | "
+                     f"{g['quantize_weights_from_nvme_s']:.1f} |")
     return "\n".join(lines)
 
 
