@@ -26,6 +26,7 @@ from pqjax.checkpoint_layout import apply_layout, module_layout
 from pqjax.engine.sources import shell_of
 from pqjax.engine.stages import Block, Stages, prefixed
 from pqjax.engine.store import Aux, StreamInterrupted
+from pqjax.host_memory import trim
 from pqjax.methods import Plan, method_spec
 from pqjax.models.paths import module_at
 from pqjax.quantize import QuantConfig, apply_plan, set_module
@@ -141,6 +142,7 @@ def run(source: Any, stages: Stages, stats: Any, store: Any, config: QuantConfig
     rows.add(entry, aux)
     bar.update(1)
     bar.close()
+    trim()  # the stages freed gigabytes; return them before the model is assembled
     qmodel = assemble_model(qview, stages, store, source) if assemble else None
     report = QuantReport.build(
         qmodel if qmodel is not None else _abstract_result(qview, stages, store, source),

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pqjax.errors import CheckpointError
+from pqjax.host_memory import trim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,14 +33,21 @@ class OnDemand:
 
 def held(component: Any) -> Any:
     """The model itself: loaded now if `component` is kept on disk (`OnDemand`, or any object
-    with `on_demand` set and a `load()`, such as `pqjax.engine.result.StoredModel`)."""
-    return component.load() if getattr(component, "on_demand", False) else component
+    with `on_demand` set and a `load()`, such as `pqjax.engine.result.StoredModel`), after
+    the memory freed since the last load went back to the OS."""
+    if not getattr(component, "on_demand", False):
+        return component
+    trim()
+    return component.load()
 
 
 def for_sampling(component: Any) -> Any:
     """The model a sampler runs: a transformer kept on disk loads now; one that asks to be run
     block by block (`sampling_model()`, e.g. `pqjax.engine.result.StoredModel`) comes as a
-    model that runs one jitted block at a time (samplers see its `eager` and loop in Python)."""
+    model that runs one jitted block at a time (samplers see its `eager` and loop in Python).
+    Under such a budget, the memory the prompts' encoding freed goes back to the OS first."""
+    if any(getattr(component, a, False) for a in ("on_demand", "eager", "sampling_model")):
+        trim()
     if hasattr(component, "sampling_model"):
         return component.sampling_model()
     return held(component)
