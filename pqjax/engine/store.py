@@ -199,6 +199,12 @@ class WorkDir:
                 "cannot be told; use a new (or empty) work folder")
         for sub in ("blocks", "carries"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._write_manifest()  # at once: a run killed in its first block resumes too
+
+    def _write_manifest(self) -> None:
+        tmp = self.manifest_path.with_name(MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(self.manifest, indent=1, default=float))
+        os.replace(tmp, self.manifest_path)
 
     def _read_manifest(self) -> dict[str, Any]:
         try:
@@ -257,9 +263,7 @@ class WorkDir:
         for old in previous:  # only the newest carries are needed to resume
             del self.manifest["stages"][old]["files"]["carries"]
         self.manifest["stages"][name] = {**entry, "files": files}
-        tmp = self.manifest_path.with_name(MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(self.manifest, indent=1, default=float))
-        os.replace(tmp, self.manifest_path)
+        self._write_manifest()
         for old in previous:  # unlisted now; a kill before this leaves them unused
             self._file(old, "carries").unlink(missing_ok=True)
 

@@ -188,3 +188,19 @@ def test_a_finished_folder_returns_its_model_without_recomputing(folder, finishe
     for key in a:
         np.testing.assert_array_equal(a[key], loaded[key], err_msg=key)
     assert isinstance(finished[0], nnx.Module)
+
+
+def test_a_run_killed_in_its_first_block_resumes(folder, finished, tmp_path):
+    """The manifest is written before the first block: a run killed before any block finished
+    (here: stopped at once, its folder as a kill leaves it) is resumed, not refused."""
+    path, batches = folder
+    work = tmp_path / "w"
+    with pytest.raises(StreamInterrupted):
+        stream_quantize(path, batches, CONFIG, work, stop_after=1, **KW)
+    manifest = json.loads((work / "manifest.json").read_text())
+    manifest["stages"] = {}  # as it stood when the first block began
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    resumed, _ = stream_quantize(path, batches, CONFIG, work, **KW)
+    a, b = arrays(finished[0]), arrays(resumed)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
