@@ -12,7 +12,8 @@ import pqjax
 from pqjax.calibrate import linears
 from pqjax.engine.stages import Stages, under
 from pqjax.models.family import family_of
-from tests.engine.test_paths_agree import CASES, _forward
+from tests.engine.test_paths_agree import CASES
+from tests.engine.tiny import forward
 from tests.parity import random_nnx
 
 
@@ -33,7 +34,7 @@ def test_runner_is_the_models_own_forward(tiny):
         for block in getattr(model, lst):
             carry = runner.block(block, lst, carry)
     np.testing.assert_array_equal(np.asarray(runner.head(model, carry)),
-                                  _forward(name, model, batch))
+                                  forward(name, model, batch))
 
 
 def test_every_linear_belongs_to_one_stage(tiny):

@@ -12,7 +12,7 @@ import numpy as np
 from tests.parity import TINY_FLUX
 from tests.test_quantize_models import SANA, ZIMAGE, sana_batch, zimage_batch
 
-__all__ = ["FLUX", "SANA", "ZIMAGE", "flux_batch", "sana_batch", "zimage_batch"]
+__all__ = ["FLUX", "SANA", "ZIMAGE", "flux_batch", "forward", "sana_batch", "zimage_batch"]
 
 FLUX = TINY_FLUX  # one double and one single block, inner dim 64
 
@@ -31,3 +31,9 @@ def flux_batch(seed: int) -> dict[str, Any]:
         "txt_ids": jnp.zeros((6, 3), jnp.float32),
         "guidance": jnp.full((2,), 3.5, jnp.float32),
     }
+
+
+def forward(name: str, model: Any, batch: dict[str, Any]) -> np.ndarray:
+    """The model's own forward on one of the batches above (Z-Image: `forward_batch`)."""
+    call = model.forward_batch if name == "zimage" else model
+    return np.asarray(call(**batch))
