@@ -330,9 +330,11 @@ def main() -> None:
     if args.child:
         return child(args.root, work, args.max_memory)
     disk_free = shutil.disk_usage(args.root.parent).free
-    written = (json.loads((args.root / "written.json").read_text())
-               if (args.root / "written.json").is_file()
-               else write_folder(args.root, args.rehearse))
+    if (args.root / "written.json").is_file():  # a folder an earlier run kept: free before it
+        written = json.loads((args.root / "written.json").read_text())
+        disk_free += written["bytes"]
+    else:
+        written = write_folder(args.root, args.rehearse)
     cpu_gflops = cpu_matmul_gflops()
     samples, phases, result = run_child(args.root, work, args.max_memory)
     stages = stage_times(work)
