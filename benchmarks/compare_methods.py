@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/compare_methods.py            # all methods x 3 formats
     .venv/bin/python benchmarks/compare_methods.py --methods rtn,permuquant --per-digit 2
+    .venv/bin/python benchmarks/compare_methods.py --methods permuquant,hadamard,permuquant_h,\
+        permuquant_hs --name compare_hs          # a subset, into results/compare_hs.*
 
 On the embedded trained tiny FLUX: one calibration (the model's own trajectories for its
 calibration prompts) shared by every method; W4A4 NVFP4, W4A4 INT4 g64, W3A3 INT3 g64, and
@@ -10,10 +12,10 @@ drops below 1 and the methods separate; the same evaluation prompts and seeds fo
 Columns follow the paper's where they apply: PSNR and SSIM against full precision (means over
 images with Student-t 95% intervals), classifier accuracy, Frechet distance of classifier
 features against real digits, mean layer error, quantization time. Under each table,
-PermuQuant-H against PermuQuant and Hadamard: the mean per-image PSNR difference on the same
-seeds, with its paired 95% interval. QuaRTZ is a 4-bit format, so it runs in the W4A4
-settings only. Writes benchmarks/results/compare_methods.{json,md} and the image grids under
-benchmarks/results/compare_methods/.
+PermuQuant-H against PermuQuant and Hadamard (PermuQuant-HS against the three): the mean
+per-image PSNR difference on the same seeds, with its paired 95% interval. QuaRTZ is a 4-bit
+format, so it runs in the W4A4 settings only. Writes benchmarks/results/compare_methods.{json,md}
+and the image grids under benchmarks/results/compare_methods/ (--name: another name).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from pqjax.quantize import QuantConfig
 SETTINGS = (("W4A4 NVFP4", "nvfp4", "nvfp4", None), ("W4A4 INT4 g64", "int4", "int4", 64),
             ("W3A3 INT3 g64", "int3", "int3", 64), ("W2A3 INT2/INT3 g64", "int2", "int3", 64))
 ORDER = ("rtn", "smoothquant", "ptq4dit", "omniquant_lwc", "gptq", "svdquant", "hadamard",
-         "convrot", "quartz", "permuquant", "permuquant_gptq", "permuquant_h", "permuquant_hr")
+         "convrot", "quartz", "permuquant", "permuquant_gptq", "permuquant_h", "permuquant_hr",
+         "permuquant_hs")
 
 
 def configs_for(setting: tuple, methods: list[str]) -> list[QuantConfig]:
@@ -60,6 +63,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(m for m in ORDER if m in method_names()))
     parser.add_argument("--per-digit", type=int, default=5)
+    parser.add_argument("--name", default="compare_methods",
+                        help="results name: benchmarks/results/<name>.{json,md} and <name>/")
     args = parser.parse_args()
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(method_names()))
@@ -74,16 +79,17 @@ def main() -> None:
         # results/compare_methods/<format>/, or <WxAy>/ where weights and acts differ
         folder = setting[1] if setting[1] == setting[2] else setting[0].split()[0].lower()
         runs = compare(fp, calib, configs_for(setting, methods), spec,
-                       RESULTS / "compare_methods" / folder, digit_metrics=metrics)
+                       RESULTS / args.name / folder, digit_metrics=metrics)
         everything[setting[0]] = runs
         tables.append(table(setting[0], runs))
     date = datetime.date.today().isoformat()
     cmd = "`.venv/bin/python benchmarks/compare_methods.py" + (
-        "`" if args.methods == parser.get_default("methods") else f" --methods {args.methods}`")
+        "" if args.methods == parser.get_default("methods") else f" --methods {args.methods}") + (
+        "" if args.name == parser.get_default("name") else f" --name {args.name}") + "`"
     md = (f"Made {date} with {cmd} on the embedded tiny FLUX ({len(spec.prompts)} images per "
           "run, same seeds).\n\n" + "\n\n".join(tables))
     print(md)
-    write_results("compare_methods", {"runs": everything}, md)
+    write_results(args.name, {"runs": everything}, md)
 
 
 def table(title: str, runs: dict) -> str:
@@ -101,9 +107,11 @@ def table(title: str, runs: dict) -> str:
                      f" {r['frechet']:.2f} | {r['mean_layer_error']:.4f} | "
                      f"{r['quantize_seconds']:.1f} |")
     by_method = {r["method"]: r for _, r in rows}
-    if "permuquant_h" in by_method:
-        lines += ["", *(paired_line(by_method["permuquant_h"], by_method[other])
-                        for other in ("permuquant", "hadamard") if other in by_method)]
+    pairs = [(m, other) for m in ("permuquant_h", "permuquant_hs") if m in by_method
+             for other in ("permuquant", "hadamard", "permuquant_h")
+             if other in by_method and other != m]
+    if pairs:
+        lines += ["", *(paired_line(by_method[m], by_method[o]) for m, o in pairs)]
     return "\n".join(lines)
 
 

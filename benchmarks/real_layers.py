@@ -17,7 +17,9 @@ relative output error ||xW - Q(x')Q(W')||^2 / ||xW||^2 of each row's choice, div
 Table: the geometric mean of that ratio over layers, and how many layers are worse than RTN by
 more than 1%. Writes benchmarks/results/real_layers.{json,md}. On a shared machine the formats
 can run in separate processes: `--formats nvfp4,mxfp4 --part /tmp/a.json`, `--formats
-int4,int3 --part /tmp/b.json`, then `--merge /tmp/a.json /tmp/b.json`.
+int4,int3 --part /tmp/b.json`, then `--merge /tmp/a.json /tmp/b.json`. A new row joins
+earlier results without rerunning the others: `--rows "PermuQuant-HS" --add-to
+benchmarks/results/real_layers.json` (same --tokens and --layers as those results).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.common import write_results
 from pqjax import formats, permute, rotate
+from pqjax.baselines.hadamard import SMOOTH_ALPHAS
+from pqjax.baselines.smooth_search import smoothed_search
 
 FORMATS = (("nvfp4", None), ("mxfp4", None), ("int4", 64), ("int3", 64))
 TEXTS = Path("/usr/share/common-licenses")
@@ -95,14 +99,37 @@ def capture(n_tokens: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray
     return out
 
 
+def scalable(layer: str) -> bool:
+    """Whether a per-channel scale on the layer's input folds into its producer, as
+    `Site.scalable` says for the DiTs: q, k, v and the FFN's first layer read a LayerNorm (its
+    affine), the attention output reads the value projection's columns; the FFN's second layer
+    (`layer.N.output.dense`) reads GELU's output, where nothing folds."""
+    return not (layer.endswith(".output.dense") and ".attention." not in layer)
+
+
 def choices(fmt: formats.Format):
-    """Row name -> fn(x_calib, w) -> (perm, rotation name or None)."""
+    """Row name -> fn(x_calib, w) -> (perm, rotation name or None, smoothing scale or None)."""
     g = fmt.group_size
     ident = lambda x: np.arange(x.shape[1])  # noqa: E731
     kw = dict(weights=fmt, acts=fmt, tau=0.0)
 
-    def kept(res):
-        return res.perm, res.rotate
+    def kept(res, scale=None):
+        return res.perm, res.rotate, scale
+
+    def smoothed_joint(x, w, scalable):
+        """permuquant_hs on one layer: the joint choice under each smoothing strength (where
+        a scale folds into the producer) and without a scale; the lowest calibration error at
+        or below RTN's is kept."""
+        rtn = permute.layer_errors(x, [w], ident(x), fmt, fmt)[0]
+        best = None
+        for strength in (None, *SMOOTH_ALPHAS) if scalable else (None,):
+            s, res = smoothed_search(x, [w], strength, act_absmax=np.abs(x).max(0),
+                                     act_mean_sq=np.mean(np.square(x), 0), alpha=0.5,
+                                     rotate=rotate.candidates(g, x.shape[1]), **kw)
+            final = res.err_permuted if res.accepted else res.err_identity
+            if (strength is None or final <= rtn) and (best is None or final < best[0]):
+                best = (final, res, s)
+        return kept(best[1], best[2])
 
     def best_of(x, w, **more):
         best = None
@@ -114,10 +141,10 @@ def choices(fmt: formats.Format):
         return kept(best[1])
 
     return {
-        "RTN": lambda x, w: (ident(x), None),
+        "RTN": lambda x, w: (ident(x), None, None),
         "sorting (joint, a=0.5)": lambda x, w: kept(permute.search(x, w, alpha=0.5, **kw)),
         "best-of-criteria": best_of,
-        "Hadamard (in-group)": lambda x, w: (ident(x), f"hadamard:{g}"),
+        "Hadamard (in-group)": lambda x, w: (ident(x), f"hadamard:{g}", None),
         "PermuQuant-H before (rotation on every layer)": lambda x, w: kept(
             permute.search(x, w, alpha=0.5, rotate=f"hadamard:{g}", **kw)),
         "PermuQuant-H (joint choice)": lambda x, w: kept(
@@ -127,24 +154,30 @@ def choices(fmt: formats.Format):
                            refine=REFINE_ROUNDS, **kw)),
         "sorting + refine (no rotation)": lambda x, w: kept(
             permute.search(x, w, alpha=0.5, refine=REFINE_ROUNDS, **kw)),
+        "PermuQuant-HS (smoothing + joint choice)": smoothed_joint,  # (x, w, scalable)
     }
 
 
-def measure(layers, names, wname: str, group: int | None) -> tuple[dict, dict]:
-    """One format: (summary per row, per-layer ratios and choices)."""
+def measure(layers, names, wname: str, group: int | None,
+            only: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """One format: (summary per row, per-layer ratios and choices); only: the rows whose
+    names start with one of these (empty: all)."""
     fmt = formats.get(wname, group=group) if group else formats.get(wname)
-    rows = choices(fmt)
+    rows = {r: f for r, f in choices(fmt).items()
+            if r == "RTN" or not only or r.startswith(only)}
     ratios = {r: [] for r in rows}
     per_layer: dict = {}
     for name in names:
         xc, xh, w = layers[name]
         rtn = permute.layer_errors(xh, [w], np.arange(w.shape[0]), fmt, fmt)[0]
         for r, choose in rows.items():
-            perm, rot = choose(xc, w)
-            e = permute.layer_errors(xh, [w], perm, fmt, fmt, rot)[0]
+            perm, rot, s = (choose(xc, w, scalable(name)) if r.startswith("PermuQuant-HS")
+                            else choose(xc, w))
+            x, k = (xh, w) if s is None else (xh / s, w * s[:, None])
+            e = permute.layer_errors(x, [k], perm, fmt, fmt, rot)[0]
             ratios[r].append(e / rtn)
             per_layer.setdefault(name, {})[r] = {
-                "ratio": e / rtn, "rotate": rot,
+                "ratio": e / rtn, "rotate": rot, "smoothed": s is not None,
                 "permuted": bool(np.any(np.asarray(perm) != np.arange(len(perm)))),
             }
     summary = {
@@ -175,7 +208,33 @@ def table(payload: dict) -> str:
         md.append(f"| {r} | " + " | ".join(cells) + " |")
     md.append("\nSeconds per format (capture excluded): "
               + ", ".join(f"{k} {v:.0f}" for k, v in payload["seconds"].items()) + ".")
+    for added in payload.get("added_rows", []):
+        first = (payload.get("first_rows_machine") or {}).get("date", "earlier")
+        md.append(f"\nRows added {added['date']} (the others measured {first}; same layers "
+                  f"and rows, RTN recomputed and equal): {', '.join(added['rows'])}; seconds "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in added["seconds"].items()) + ".")
     return "\n".join(md)
+
+
+def add_rows(payload: dict, into: Path) -> dict:
+    """The results in `into` with this run's rows added: same layers, row counts and RTN."""
+    old = json.loads(into.read_text())
+    for key in ("layers", "calibration_rows", "heldout_rows"):
+        if old[key] != payload[key]:
+            raise SystemExit(f"real_layers: --add-to {into}: {key} differs "
+                             f"({old[key]!r} there, {payload[key]!r} here)")
+    for label, rows in payload["results"].items():
+        if label not in old["results"]:
+            raise SystemExit(f"real_layers: --add-to {into}: no {label} results there")
+        for layer, row in payload["per_layer"][label].items():
+            assert row["RTN"]["ratio"] == 1.0, (label, layer)
+            old["per_layer"][label][layer].update(row)
+        old["results"][label].update({r: v for r, v in rows.items() if r != "RTN"})
+    old.setdefault("first_rows_machine", old.pop("machine", None))
+    old.setdefault("added_rows", []).append({
+        "date": time.strftime("%Y-%m-%d"), "seconds": payload["seconds"],
+        "rows": [r for r in next(iter(payload["results"].values())) if r != "RTN"]})
+    return old
 
 
 def main() -> None:
@@ -185,6 +244,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=0, help="only the first N layers (0: all)")
     ap.add_argument("--part", type=Path, help="write this run's formats to PART (JSON) only")
     ap.add_argument("--merge", type=Path, nargs="+", help="merge --part files into the results")
+    ap.add_argument("--rows", default="", help="only the rows whose names start with one of "
+                    "these (comma-separated; RTN always runs)")
+    ap.add_argument("--add-to", type=Path, help="add this run's rows to these results (JSON)")
     args = ap.parse_args()
     if args.merge:
         parts = [json.loads(p.read_text()) for p in args.merge]
@@ -208,13 +270,15 @@ def main() -> None:
             label = wname + (f" g{group}" if group else "")
             t1 = time.perf_counter()
             payload["results"][label], payload["per_layer"][label] = measure(
-                layers, names, wname, group)
+                layers, names, wname, group, tuple(filter(None, args.rows.split(","))))
             payload["seconds"][label] = time.perf_counter() - t1
             print(label, {r: round(v["geomean_ratio"], 3)
                           for r, v in payload["results"][label].items()}, flush=True)
         if args.part:
             args.part.write_text(json.dumps(payload, indent=1))
             return
+        if args.add_to:
+            payload = add_rows(payload, args.add_to)
     md = table(payload)
     write_results("real_layers", {k: v for k, v in payload.items() if k != "machine"}, md)
     print(md)

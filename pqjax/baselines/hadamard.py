@@ -7,6 +7,17 @@ and applied online to the activations (QuantLinear.input_transform), then RTN pe
 Full-precision output is unchanged; the quantizers see each group's energy spread over the
 group, which flattens outlier channels.
 
+permuquant_hs: permuquant_h with a per-channel scale in the choice. At every scalable site
+(`Site.scalable`: the division folds into the producer) each of SmoothQuant's migration scales
+s = max|x_j|^a / max|W_j|^(1-a) (a in option "alphas", `site_scale`) gets its own joint choice
+on x / s and diag(s) W, next to the choice without a scale; the lowest summed calibration error
+whose consumers all stay at or below RTN on their own rows is kept (so at every site it ends at
+most at permuquant_h's error). The scale folds as SmoothQuant's (`smoothing.absorb_scales`),
+then the order is absorbed and the rotation folded. The layers' errors are reported as chosen:
+a scale folded into a producing Linear's output columns rescales that layer's groups, which
+leaves INT errors unchanged and NVFP4's within its E4M3 scale rounding, and is not re-measured.
+With option rotations "rotated" or "fixed" no scale is tried.
+
 permuquant_h: the joint choice of rotation and order at every site (`permute.search(...,
 rotate=candidates)`): no change, the order alone, a rotation alone, or order + rotation, among
 the rotations of `rotation_candidates` (None, then every kind of `pqjax.rotate` and every legal
@@ -50,6 +61,8 @@ import numpy as np
 from flax import nnx
 
 from pqjax import permute, rotate
+from pqjax.baselines.smooth_search import smoothed, smoothed_search
+from pqjax.baselines.smoothing import absorb_scales
 from pqjax.calibrate import Calibration
 from pqjax.methods import Option, Plan, kernel_of, model_sites, register_method, rtn_errors
 
@@ -160,12 +173,13 @@ def rotation_candidates(config: QuantConfig, d_in: int) -> tuple[str | None, ...
 
 def _own_rows(model: nnx.Module, calib: Calibration, site: permute.Site,
               res: permute.SearchResult, wfmt: Any, afmt: Any,
-              guard: bool = True) -> dict[str, tuple] | None:
+              guard: bool = True, scale: np.ndarray | None = None) -> dict[str, tuple] | None:
     """{consumer: (RTN error, error of the chosen pair)}, each on the consumer's OWN rows (the
     search reads the first consumer's; FLUX's to_add_out reads the text part of the attention
     output), scored as `rtn_errors` scores RTN. With `guard` (the candidates start with no
     rotation, so RTN is the reference), None when the chosen pair makes any consumer worse than
-    its RTN there: the acceptance rule then keeps no change."""
+    its RTN there: the acceptance rule then keeps no change. scale `(dim,)`: the pair was
+    chosen on smoothed rows x / scale and kernels diag(scale) W (permuquant_hs)."""
     if not guard:  # the reference is a rotation: the search's own errors, against it
         after = res.layer_err_permuted if res.accepted else res.layer_err_identity
         return dict(zip(site.consumers, zip(res.layer_err_identity, after, strict=True),
@@ -178,9 +192,11 @@ def _own_rows(model: nnx.Module, calib: Calibration, site: permute.Site,
             continue
         rows, kernel = calib[c].rows, kernel_of(model, c)
         ref = permute.layer_errors(rows, [kernel], ident, wfmt, afmt, None)[0]
-        if perm is ident and res.rotate is None:
+        if perm is ident and res.rotate is None and scale is None:
             out[c] = (ref, ref)
             continue
+        if scale is not None:
+            rows, kernel = smoothed(rows, kernel, scale)
         err = permute.layer_errors(rows, [kernel], perm, wfmt, afmt, res.rotate)[0]
         if guard and err > ref:
             return None
@@ -199,51 +215,77 @@ def _row(res: permute.SearchResult, err_ref: float, err: float) -> dict[str, Any
     }
 
 
+def _site_choice(model: nnx.Module, calib: Calibration, config: QuantConfig,
+                 site: permute.Site, seed: int, refine: int, alphas: tuple[float, ...]
+                 ) -> tuple[float | None, np.ndarray | None, permute.SearchResult, dict]:
+    """(smoothing strength or None, scale or None, the search's result, own-rows errors) of
+    the site: the joint (rotation, order) choice without a scale and, at a scalable site,
+    under each strength's scale; the lowest summed calibration error whose consumers all pass
+    the acceptance rule on their own rows is kept."""
+    wfmt, afmt = config.weight_format(), config.act_format()
+    stats = calib[site.consumers[0]]
+    kernels = [kernel_of(model, c) for c in site.consumers]
+    candidates = rotation_candidates(config, site.dim)
+    guard = candidates[0] is None
+    best = None
+    for strength in (None, *alphas) if site.scalable and guard else (None,):
+        s, res = smoothed_search(
+            stats.rows, kernels, strength, act_absmax=stats.absmax, act_mean_sq=stats.mean_sq,
+            criterion=config.criterion, segments=site.segments, seed=seed, rotate=candidates,
+            refine=refine, weights=wfmt, acts=afmt, alpha=config.alpha, tau=config.tau,
+        )
+        own = _own_rows(model, calib, site, res, wfmt, afmt, guard=guard, scale=s)
+        if own is None and strength is not None:
+            continue  # a consumer is worse than RTN on its own rows under this scale
+        if own is None:  # the site keeps no change
+            res = dataclasses.replace(res, accepted=False, rotate=None)
+            own = _own_rows(model, calib, site, res, wfmt, afmt)
+        err = res.err_permuted if res.accepted else res.err_identity
+        if best is None or err < best[0]:
+            best = (err, strength, s, res, own)
+    return best[1:]
+
+
 def joint_search(
     model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str],
-    sites: list[permute.Site] | None = None, refine: int = 0,
-) -> tuple[dict[str, np.ndarray], dict[str, str | None], dict, dict]:
+    sites: list[permute.Site] | None = None, refine: int = 0, alphas: tuple[float, ...] = (),
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, str | None], dict, dict]:
     """The joint (rotation, order) choice at every site with a quantized consumer, and the
     rotation choice (order fixed) for every target no site reads.
 
-    Returns (orders to absorb (site -> perm, identity orders left out), rotation per target
-    path (None: none), site report, layer report). One rotation per site, shared by its
-    consumers; errors on calibration rows; err_reference is the error of the reference (RTN
-    for the default candidates, which start with None). refine: rounds of greedy swaps between
-    groups (`permute.refine`) scored as one more order at every site. sites: see
-    `pqjax.methods` (None: the model's own).
+    Returns (scales to fold (site -> s, permuquant_hs only), orders to absorb (site -> perm,
+    identity orders left out), rotation per target path (None: none), site report, layer
+    report). One rotation per site, shared by its consumers; errors on calibration rows;
+    err_reference is the error of the reference (RTN for the default candidates, which start
+    with None). refine: rounds of greedy swaps between groups (`permute.refine`) scored as one
+    more order at every site. alphas: smoothing strengths tried at scalable sites (see
+    permuquant_hs). sites: see `pqjax.methods` (None: the model's own).
     """
     wfmt, afmt = config.weight_format(), config.act_format()
     kw = dict(weights=wfmt, acts=afmt, alpha=config.alpha, tau=config.tau)
     wanted = set(targets)
-    perms, rotations, site_rows, layer_rows = {}, {}, {}, {}
+    scales, perms, rotations, site_rows, layer_rows = {}, {}, {}, {}, {}
     todo = [s for s in model_sites(model, sites) if wanted.intersection(s.consumers)]
     for i, site in enumerate(todo):
-        stats = calib.get(site.consumers[0])
-        if stats is None:
+        if site.consumers[0] not in calib:
             continue
-        res = permute.search(
-            stats.rows, [kernel_of(model, c) for c in site.consumers],
-            criterion=config.criterion, segments=site.segments, act_mean_sq=stats.mean_sq,
-            act_absmax=stats.absmax, seed=config.seed + i,
-            rotate=rotation_candidates(config, site.dim), refine=refine, **kw,
-        )
-        candidates = rotation_candidates(config, site.dim)
-        own = _own_rows(model, calib, site, res, wfmt, afmt, guard=candidates[0] is None)
-        if own is None:  # a consumer is worse on its own rows: the site keeps no change
-            res = dataclasses.replace(res, accepted=False, rotate=None)
-            own = _own_rows(model, calib, site, res, wfmt, afmt)
+        alpha, s, res, own = _site_choice(model, calib, config, site, config.seed + i, refine,
+                                          alphas)
+        if s is not None:
+            scales[site.name] = s
         if res.accepted and not np.array_equal(res.perm, np.arange(site.dim)):
             perms[site.name] = res.perm
         site_rows[site.name] = {
             "kind": site.kind, "dim": site.dim, "accepted": res.accepted,
             "err_identity": res.err_identity, "err_permuted": res.err_permuted,
             "criterion": res.criterion, "alpha": res.alpha, "transform": res.rotate,
+            **({"smooth_alpha": alpha} if alphas else {}),
         }
         for c, (b, a) in own.items():
             if c in wanted:
                 rotations[c] = res.rotate
-                layer_rows[c] = {"site": site.name, **_row(res, b, a)}
+                layer_rows[c] = {"site": site.name, **_row(res, b, a),
+                                 **({"smooth_alpha": alpha} if alphas else {})}
     for path in targets:
         if path in layer_rows or path not in calib:
             continue  # no calibration rows: no choice, the layer stays unrotated
@@ -253,7 +295,7 @@ def joint_search(
         rotations[path] = res.rotate
         err = res.err_permuted if res.accepted else res.err_identity
         layer_rows[path] = {"site": None, **_row(res, res.err_identity, err)}
-    return perms, rotations, site_rows, layer_rows
+    return scales, perms, rotations, site_rows, layer_rows
 
 
 @register_method("permuquant_h", options=JOINT_OPTIONS)
@@ -279,14 +321,36 @@ def permuquant_hr(
     return joint_plan(model, calib, config, targets, sites, refine=int(config.option("refine")))
 
 
+SMOOTH_ALPHAS = (0.2, 0.35, 0.5, 0.65)
+
+
+@register_method("permuquant_hs", options={
+    **JOINT_OPTIONS,
+    "alphas": Option((tuple, list), SMOOTH_ALPHAS, "smoothing strengths to try, in [0, 1]",
+                     unit=True),
+})
+def permuquant_hs(
+    model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str],
+    sites: list[permute.Site] | None = None,
+) -> Plan:
+    """permuquant_h with a per-channel scale in the joint choice: at each scalable site,
+    SmoothQuant's migration scale for each strength in option "alphas" (default 0.2..0.65),
+    or none, each with its own (rotation, order) choice; the lowest calibration error whose
+    consumers all stay at or below RTN is kept, then folded like SmoothQuant's."""
+    alphas = tuple(float(a) for a in config.option("alphas"))
+    return joint_plan(model, calib, config, targets, sites, refine=int(config.option("refine")),
+                      alphas=alphas)
+
+
 def joint_plan(
     model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str],
-    sites: list[permute.Site] | None, refine: int,
+    sites: list[permute.Site] | None, refine: int, alphas: tuple[float, ...] = (),
 ) -> Plan:
     sites = model_sites(model, sites)
-    perms, rotations, site_rows, layer_rows = joint_search(model, calib, config, targets, sites,
-                                                           refine)
-    absorbed = permute.absorb(model, perms, site_list=sites)
+    scales, perms, rotations, site_rows, layer_rows = joint_search(
+        model, calib, config, targets, sites, refine, alphas)
+    folded = absorb_scales(model, scales, site_list=sites) if scales else model
+    absorbed = permute.absorb(folded, perms, site_list=sites)
     rtn = rtn_errors(model, calib, config, targets)
     plan = Plan(model=absorbed, sites=site_rows, perms=perms)
     for path in targets:
@@ -297,6 +361,12 @@ def joint_plan(
         row = layer_rows.get(path)
         if row is not None and path in rtn:
             site = row["site"]
-            growth = None if name is None else amax_growth(calib, path, name, perms.get(site))
+            growth = None
+            if name is not None:
+                rows = calib[path].rows
+                if site in scales:
+                    rows = smoothed(rows, kernel_of(model, path), scales[site])[0]
+                perm = perms.get(site)
+                growth = float(_amax_growth(name, rows if perm is None else rows[:, perm]))
             plan.layers[path] = {"err_rtn": rtn[path], **row, "act_amax_growth": growth}
     return plan

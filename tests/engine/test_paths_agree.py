@@ -39,6 +39,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "svdquant": {"rank": 4, "alphas": (0.4, 0.6)},
     "smoothquant": {"alphas": (0.4, 0.6)},
     "permuquant_h": {"max_block": 32},
+    "permuquant_hs": {"max_block": 32, "alphas": (0.5,)},
 }
 CASES = {
     "flux": (FluxTransformer2DModel, FluxConfig(**FLUX), flux_batch),
