@@ -259,7 +259,8 @@ def joint_search(
     err_reference is the error of the reference (RTN for the default candidates, which start
     with None). refine: rounds of greedy swaps between groups (`permute.refine`) scored as one
     more order at every site. alphas: smoothing strengths tried at scalable sites (see
-    permuquant_hs). sites: see `pqjax.methods` (None: the model's own).
+    permuquant_hs; where a scale is kept, a site row's err_identity is the error under that
+    scale alone). sites: see `pqjax.methods` (None: the model's own).
     """
     wfmt, afmt = config.weight_format(), config.act_format()
     kw = dict(weights=wfmt, acts=afmt, alpha=config.alpha, tau=config.tau)
