@@ -12,6 +12,12 @@ Then the search alone at every site of the block, on the same calibration rows: 
 order (the paper's criterion) against the sorted order refined by `REFINE_ROUNDS` rounds of
 greedy swaps between groups (`permute.refine`, the search of `permuquant_hr`), each timed after
 a warm-up call. Writes benchmarks/results/permute_cpu.{json,md}.
+
+    .venv/bin/python benchmarks/permute_cpu.py --smoothed  # permuquant_hs's search per site
+
+`--smoothed` times only the searches, per site of the same block: PermuQuant-H's joint
+(rotation, order) choice, and permuquant_hs's (that choice under no scale and each of its
+smoothing strengths); writes benchmarks/results/permute_cpu_hs.{json,md}.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_results
-from pqjax import permute
+from pqjax import permute, rotate
+from pqjax.baselines.hadamard import SMOOTH_ALPHAS
+from pqjax.baselines.smooth_search import smoothed_search
 from pqjax.calibrate import calibrate, linears
 from pqjax.engine.calibration import Blockwise
 from pqjax.engine.stages import Block, Stages
@@ -117,17 +125,21 @@ def _timed(fn):
     return time.perf_counter() - t0, out
 
 
-def search_cost(block, model, cache, n_rows: int) -> dict[str, dict]:
-    """Per site of the block: seconds and relative error of the sorted order and of the sorted
-    order refined (`REFINE_ROUNDS` rounds), both searched on the same calibration rows."""
-    head = "transformer_blocks.0."
-    calib = calibrate(
+def block_calibration(block, cache, n_rows: int):
+    return calibrate(
         block,
         [dict(x=jnp.asarray(c[0]), context=jnp.asarray(c[1]), temb=jnp.asarray(c[2]), rope=c[3])
          for c in cache],
         n_rows=n_rows, progress=False,
         forward=lambda blk, x, context, temb, rope: blk(x, context, temb, rope),
     )
+
+
+def search_cost(block, model, cache, n_rows: int) -> dict[str, dict]:
+    """Per site of the block: seconds and relative error of the sorted order and of the sorted
+    order refined (`REFINE_ROUNDS` rounds), both searched on the same calibration rows."""
+    head = "transformer_blocks.0."
+    calib = block_calibration(block, cache, n_rows)
     out = {}
     for site in permute.sites(model):
         if not site.name.startswith(head):
@@ -150,6 +162,59 @@ def search_cost(block, model, cache, n_rows: int) -> dict[str, dict]:
     return out
 
 
+def smoothed_cost(block, model, cache, n_rows: int) -> dict[str, dict]:
+    """Per site of the block: seconds and final calibration error of PermuQuant-H's joint
+    choice and of permuquant_hs's (the joint choice under no scale and each strength of
+    `SMOOTH_ALPHAS`, where the site is scalable), each timed after a warm-up call."""
+    head = "transformer_blocks.0."
+    calib = block_calibration(block, cache, n_rows)
+    out = {}
+    for site in permute.sites(model):
+        if not site.name.startswith(head):
+            continue
+        consumers = [c[len(head):] for c in site.consumers]
+        stats = calib[consumers[0]]
+        kernels = [permute.module_at(block, c).kernel[...] for c in consumers]
+        kw = dict(weights="nvfp4", acts="nvfp4", segments=site.segments,
+                  act_mean_sq=stats.mean_sq, act_absmax=stats.absmax,
+                  rotate=rotate.candidates(16, site.dim))
+
+        def final(res):
+            return res.err_permuted if res.accepted else res.err_identity
+
+        def joint_choices(strengths, rows=stats.rows, kernels=kernels, kw=kw):
+            return [(a, *smoothed_search(rows, kernels, a, **kw)) for a in strengths]
+
+        strengths = (None, *SMOOTH_ALPHAS) if site.scalable else (None,)
+        t_joint, [(_, _, res)] = _timed(functools.partial(joint_choices, (None,)))
+        t_hs, found = _timed(functools.partial(joint_choices, strengths))
+        best = min(found, key=lambda f: final(f[2]))
+        row = {"dim": site.dim, "consumers": len(consumers), "scalable": site.scalable,
+               "err_identity": res.err_identity,
+               "joint": {"seconds": t_joint, "err": final(res)},
+               "smoothed": {"seconds": t_hs, "err": final(best[2]), "strength": best[0]}}
+        out[site.name] = row
+        print(site.name, row, flush=True)
+    return out
+
+
+def smoothed_table(cost: dict[str, dict]) -> str:
+    lines = ["Search alone per site (NVFP4 W4A4, relative error on the calibration rows, "
+             "rotation candidates `rotate.candidates(16, width)`; the smoothed search does not "
+             "check each consumer against RTN on its own rows, as the method then does):", "",
+             "| site | width | identity error | joint: s | joint error | smoothed: s | "
+             "smoothed error | strength | time ratio |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in cost.items():
+        a, b = r["joint"], r["smoothed"]
+        lines.append(f"| {name} | {r['dim']} | {r['err_identity']:.5f} | {a['seconds']:.2f} | "
+                     f"{a['err']:.5f} | {b['seconds']:.2f} | {b['err']:.5f} | {b['strength']} | "
+                     f"{b['seconds'] / a['seconds']:.1f}x |")
+    total = [sum(r[k]["seconds"] for r in cost.values()) for k in ("joint", "smoothed")]
+    lines += ["", f"Whole block: joint {total[0]:.1f} s, smoothed {total[1]:.1f} s "
+              f"(**{total[1] / total[0]:.1f}x**)."]
+    return "\n".join(lines)
+
+
 def search_table(cost: dict[str, dict]) -> str:
     lines = [f"Search alone per site (NVFP4 W4A4, relative error on the calibration rows; refine: "
              f"{REFINE_ROUNDS} rounds of swaps between groups from the sorted order):", "",
@@ -169,12 +234,26 @@ def search_table(cost: dict[str, dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--smoothed", action="store_true",
+                        help="only permuquant_hs's search against PermuQuant-H's, per site")
     args = parser.parse_args()
     heads, n_img, n_txt = (6, 1024, 128) if args.quick else (24, 4096, 512)
     cfg = FluxConfig(num_layers=1, num_single_layers=0, num_attention_heads=heads,
                      guidance_embeds=True)
     block, model = heavy_tailed_block(cfg, seed=0)
     cache = calibration_cache(cfg, n_img, n_txt, samples=8, seed=1)
+    if args.smoothed:
+        cost = smoothed_cost(block, model, cache, 256)
+        table = (f"One FLUX.1 double block (hidden {cfg.inner_dim}, {n_img} image + {n_txt} "
+                 "text tokens, 8 samples, 256 rows per layer), float32 on CPU, compilation "
+                 "excluded.\n\n" + smoothed_table(cost))
+        print(table)
+        name = "permute_cpu_hs_quick" if args.quick else "permute_cpu_hs"
+        write_results(name, {"config": {"hidden": cfg.inner_dim, "n_img": n_img,
+                                        "n_txt": n_txt, "samples": 8,
+                                        "strengths": SMOOTH_ALPHAS},
+                             "search_per_site": cost}, table)
+        return
     config = QuantConfig(weights="nvfp4", acts="nvfp4")
     plain_rtn(block, config)  # warm-up
     results = {"rtn_plain": {"seconds": plain_rtn(block, config)}}
