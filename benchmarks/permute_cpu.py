@@ -125,28 +125,29 @@ def _timed(fn):
     return time.perf_counter() - t0, out
 
 
-def block_calibration(block, cache, n_rows: int):
-    return calibrate(
+def block_sites(block, model, cache, n_rows: int):
+    """(site, consumers in the block, the first consumer's calibration stats, the consumers'
+    kernels) for every site of the block, calibrated once on the cached samples."""
+    head = "transformer_blocks.0."
+    calib = calibrate(
         block,
         [dict(x=jnp.asarray(c[0]), context=jnp.asarray(c[1]), temb=jnp.asarray(c[2]), rope=c[3])
          for c in cache],
         n_rows=n_rows, progress=False,
         forward=lambda blk, x, context, temb, rope: blk(x, context, temb, rope),
     )
+    for site in permute.sites(model):
+        if site.name.startswith(head):
+            consumers = [c[len(head):] for c in site.consumers]
+            kernels = [permute.module_at(block, c).kernel[...] for c in consumers]
+            yield site, consumers, calib[consumers[0]], kernels
 
 
 def search_cost(block, model, cache, n_rows: int) -> dict[str, dict]:
     """Per site of the block: seconds and relative error of the sorted order and of the sorted
     order refined (`REFINE_ROUNDS` rounds), both searched on the same calibration rows."""
-    head = "transformer_blocks.0."
-    calib = block_calibration(block, cache, n_rows)
     out = {}
-    for site in permute.sites(model):
-        if not site.name.startswith(head):
-            continue
-        consumers = [c[len(head):] for c in site.consumers]
-        stats = calib[consumers[0]]
-        kernels = [permute.module_at(block, c).kernel[...] for c in consumers]
+    for site, consumers, stats, kernels in block_sites(block, model, cache, n_rows):
         row = {"dim": site.dim, "consumers": len(consumers)}
         search = functools.partial(
             permute.search, stats.rows, kernels, weights="nvfp4", acts="nvfp4",
@@ -166,21 +167,15 @@ def smoothed_cost(block, model, cache, n_rows: int) -> dict[str, dict]:
     """Per site of the block: seconds and final calibration error of PermuQuant-H's joint
     choice and of permuquant_hs's (the joint choice under no scale and each strength of
     `SMOOTH_ALPHAS`, where the site is scalable), each timed after a warm-up call."""
-    head = "transformer_blocks.0."
-    calib = block_calibration(block, cache, n_rows)
+
+    def final(res):
+        return res.err_permuted if res.accepted else res.err_identity
+
     out = {}
-    for site in permute.sites(model):
-        if not site.name.startswith(head):
-            continue
-        consumers = [c[len(head):] for c in site.consumers]
-        stats = calib[consumers[0]]
-        kernels = [permute.module_at(block, c).kernel[...] for c in consumers]
+    for site, consumers, stats, kernels in block_sites(block, model, cache, n_rows):
         kw = dict(weights="nvfp4", acts="nvfp4", segments=site.segments,
                   act_mean_sq=stats.mean_sq, act_absmax=stats.absmax,
                   rotate=rotate.candidates(16, site.dim))
-
-        def final(res):
-            return res.err_permuted if res.accepted else res.err_identity
 
         def joint_choices(strengths, rows=stats.rows, kernels=kernels, kw=kw):
             return [(a, *smoothed_search(rows, kernels, a, **kw)) for a in strengths]
@@ -198,37 +193,44 @@ def smoothed_cost(block, model, cache, n_rows: int) -> dict[str, dict]:
     return out
 
 
-def smoothed_table(cost: dict[str, dict]) -> str:
-    lines = ["Search alone per site (NVFP4 W4A4, relative error on the calibration rows, "
-             "rotation candidates `rotate.candidates(16, width)`; the smoothed search does not "
-             "check each consumer against RTN on its own rows, as the method then does):", "",
-             "| site | width | identity error | joint: s | joint error | smoothed: s | "
-             "smoothed error | strength | time ratio |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, r in cost.items():
-        a, b = r["joint"], r["smoothed"]
-        lines.append(f"| {name} | {r['dim']} | {r['err_identity']:.5f} | {a['seconds']:.2f} | "
-                     f"{a['err']:.5f} | {b['seconds']:.2f} | {b['err']:.5f} | {b['strength']} | "
-                     f"{b['seconds'] / a['seconds']:.1f}x |")
-    total = [sum(r[k]["seconds"] for r in cost.values()) for k in ("joint", "smoothed")]
-    lines += ["", f"Whole block: joint {total[0]:.1f} s, smoothed {total[1]:.1f} s "
-              f"(**{total[1] / total[0]:.1f}x**)."]
+def _site_table(intro: str, columns: list[str], rows: list[list[str]],
+                whole: tuple[str, float, str, float]) -> str:
+    """A markdown table of per-site cells under `intro`, then the whole block's two totals
+    (label, seconds, label, seconds) and their ratio."""
+    lines = [intro, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    a, ta, b, tb = whole
+    lines += ["", f"Whole block: {a} {ta:.1f} s, {b} {tb:.1f} s (**{tb / ta:.1f}x**)."]
     return "\n".join(lines)
+
+
+def smoothed_table(cost: dict[str, dict]) -> str:
+    rows = [[name, str(r["dim"]), f"{r['err_identity']:.5f}", f"{a['seconds']:.2f}",
+             f"{a['err']:.5f}", f"{b['seconds']:.2f}", f"{b['err']:.5f}", str(b["strength"]),
+             f"{b['seconds'] / a['seconds']:.1f}x"]
+            for name, r in cost.items() for a, b in [(r["joint"], r["smoothed"])]]
+    return _site_table(
+        "Search alone per site (NVFP4 W4A4, relative error on the calibration rows, rotation "
+        "candidates `rotate.candidates(16, width)`; the smoothed search does not check each "
+        "consumer against RTN on its own rows, as the method then does):",
+        ["site", "width", "identity error", "joint: s", "joint error", "smoothed: s",
+         "smoothed error", "strength", "time ratio"], rows,
+        ("joint", sum(r["joint"]["seconds"] for r in cost.values()),
+         "smoothed", sum(r["smoothed"]["seconds"] for r in cost.values())))
 
 
 def search_table(cost: dict[str, dict]) -> str:
-    lines = [f"Search alone per site (NVFP4 W4A4, relative error on the calibration rows; refine: "
-             f"{REFINE_ROUNDS} rounds of swaps between groups from the sorted order):", "",
-             "| site | width | identity error | sorted: s | sorted error | refined: s | "
-             "refined error | refine time ratio |", "|---|---|---|---|---|---|---|---|"]
-    for name, r in cost.items():
-        a, b = r["sorted"], r["refined"]
-        lines.append(f"| {name} | {r['dim']} | {a['err_identity']:.5f} | {a['seconds']:.2f} | "
-                     f"{a['err_order']:.5f} | {b['seconds']:.2f} | {b['err_order']:.5f} | "
-                     f"{b['seconds'] / a['seconds']:.1f}x |")
-    total = [sum(r[k]["seconds"] for r in cost.values()) for k in ("sorted", "refined")]
-    lines += ["", f"Whole block: sorted {total[0]:.1f} s, refined {total[1]:.1f} s "
-              f"(**{total[1] / total[0]:.1f}x**)."]
-    return "\n".join(lines)
+    rows = [[name, str(r["dim"]), f"{a['err_identity']:.5f}", f"{a['seconds']:.2f}",
+             f"{a['err_order']:.5f}", f"{b['seconds']:.2f}", f"{b['err_order']:.5f}",
+             f"{b['seconds'] / a['seconds']:.1f}x"]
+            for name, r in cost.items() for a, b in [(r["sorted"], r["refined"])]]
+    return _site_table(
+        f"Search alone per site (NVFP4 W4A4, relative error on the calibration rows; refine: "
+        f"{REFINE_ROUNDS} rounds of swaps between groups from the sorted order):",
+        ["site", "width", "identity error", "sorted: s", "sorted error", "refined: s",
+         "refined error", "refine time ratio"], rows,
+        ("sorted", sum(r["sorted"]["seconds"] for r in cost.values()),
+         "refined", sum(r["refined"]["seconds"] for r in cost.values())))
 
 
 def main() -> None:

@@ -113,12 +113,15 @@ def _amax_growth(name: str, rows: jax.Array) -> jax.Array:
     return jnp.max(jnp.abs(rotated)) / jnp.maximum(jnp.max(jnp.abs(rows)), 1e-30)
 
 
-def amax_growth(calib: Calibration, path: str, name: str, perm: Any = None) -> float | None:
-    """How much the rotation raises the activation absmax on the calibration rows (after the
-    site's absorbed order `perm`, if any); None without rows."""
+def amax_growth(calib: Calibration, path: str, name: str, perm: Any = None,
+                scale: np.ndarray | None = None) -> float | None:
+    """How much the rotation raises the activation absmax on the calibration rows (divided by
+    the site's folded `scale` and in its absorbed order `perm`, if any); None without rows."""
     if path not in calib:
         return None
     rows = calib[path].rows
+    if scale is not None:
+        rows = jnp.asarray(rows, jnp.float32) / jnp.asarray(scale, jnp.float32)
     return float(_amax_growth(name, rows if perm is None else rows[:, perm]))
 
 
@@ -362,12 +365,7 @@ def joint_plan(
         row = layer_rows.get(path)
         if row is not None and path in rtn:
             site = row["site"]
-            growth = None
-            if name is not None:
-                rows = calib[path].rows
-                if site in scales:
-                    rows = smoothed(rows, kernel_of(model, path), scales[site])[0]
-                perm = perms.get(site)
-                growth = float(_amax_growth(name, rows if perm is None else rows[:, perm]))
+            growth = None if name is None else amax_growth(
+                calib, path, name, perms.get(site), scales.get(site))
             plan.layers[path] = {"err_rtn": rtn[path], **row, "act_amax_growth": growth}
     return plan
