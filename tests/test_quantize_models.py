@@ -213,30 +213,52 @@ def test_pallas_backend_on_cpu_is_the_xla_path(calibrated):
 
 
 def test_pallas_kernels_in_the_model_match_xla(calibrated, monkeypatch):
-    """The kernels in the whole model, run by the Pallas interpreter on CPU: within 1e-4 of the
-    output's scale of the "xla" backend (float32 reduction order; see test_dispatch's FLUX
-    blocks for the bound), with no XLA fallback, and every consumer of a fused norm reads the
-    norm's codes instead of quantizing its input."""
+    """The kernels in the whole model, run by the Pallas interpreter on CPU, with no XLA
+    fallback; every consumer of a fused norm reads the norm's codes instead of quantizing its
+    input; every other layer's kernel output matches the "xla" backend's on the same input
+    within 1e-4 of that output's scale: given equal inputs the activation codes are
+    bit-exact, so only the float32 accumulation order differs (K <= 512: ~512 u = 3e-5).
+
+    Per layer on the same input, not the model's output against the "xla" model's: there a
+    float32 ulp of accumulation order can move one activation across an FP4 rounding
+    boundary, and one code flipped in the time-embedding path moves every token of that
+    image (measured on Z-Image: 4% of the output norm on an Intel Xeon; within 1e-4 of the
+    output's scale on the CI machine before it).
+    The fused norms' codes are checked against their reference in tests/pallas_kernels."""
     import warnings
 
-    from pqjax.backends import dispatch, fusion
+    from pqjax.backends import dispatch, fusion, register_linear_route
     from tests.pallas_kernels.helpers import record_calls
 
     qmodel, _, _ = calibrated.run("W4A4 nvfp4", "permuquant")
-    want = np.asarray(calibrated.forward(qmodel, calibrated.held_out))
     monkeypatch.setenv(dispatch.ENV_INTERPRET, "1")
     calls = record_calls(monkeypatch, dispatch, "quantize_activations", lambda x, *a, **k: x.shape)
+    gaps: list = []  # (max |kernel - xla|, max |xla|) per layer fed its own input, traced
+
+    def checked(qlin, x, xq=None, **kw):
+        y = dispatch.quant_linear(qlin, x, xq, **kw)
+        if x is not None:
+            want = qlin.xla_forward(x).astype(jnp.float32)
+            gaps.append((jnp.max(jnp.abs(y.astype(jnp.float32) - want)), jnp.max(jnp.abs(want))))
+        return y
+
     forward = CASES[calibrated.name][4]
     pqjax.set_backend(qmodel, "pallas")
+    register_linear_route("pallas", checked)
     try:
         fused = [p for p, reason in fusion.plan(qmodel).items() if reason is None]
         with warnings.catch_warnings():
             warnings.simplefilter("error", dispatch.PallasFallbackWarning)
-            got = np.asarray(nnx.jit(lambda m, kw: forward(m, **kw))(qmodel, calibrated.held_out))
+            got, gaps = nnx.jit(lambda m, kw: (forward(m, **kw), gaps))(qmodel,
+                                                                          calibrated.held_out)
     finally:
+        register_linear_route("pallas", dispatch.quant_linear)
         pqjax.set_backend(qmodel, "xla")
     n_layers = sum(isinstance(m, QuantLinear) for _, m in nnx.iter_graph(qmodel))
     fed = sum(len(s.consumers) for s in permute.sites(qmodel) if set(s.norms) & set(fused))
     assert fused and fed  # SANA: 2 norm1 -> 6 layers; Z-Image: 6 norms -> 15 layers
     assert len(calls) == n_layers - fed, (len(calls), n_layers, fed)
-    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    assert len(gaps) == n_layers - fed and np.isfinite(np.asarray(got)).all()
+    ratios = [float(d) / float(m) for d, m in gaps]
+    print(calibrated.name, "max |kernel - xla| / scale per layer:", max(ratios))
+    assert max(ratios) <= 1e-4, ratios
