@@ -50,12 +50,11 @@ def configs_for(setting: tuple, methods: list[str]) -> list[QuantConfig]:
     title, weights, acts, group = setting
     out = []
     for m in methods:
-        config = QuantConfig(weights=weights, acts=acts, group=group, method=m)
         if m == "quartz":
-            if not title.startswith("W4A4"):
-                continue  # QuaRTZ is a 4-bit scheme
-            config = quartz_config(config)  # its own 4-bit format in both 4-bit settings
-        out.append(config)
+            if title.startswith("W4A4"):  # QuaRTZ is a 4-bit scheme, in its own 4-bit format
+                out.append(quartz_config(QuantConfig(weights=weights, acts=acts)))
+            continue
+        out.append(QuantConfig(weights=weights, acts=acts, group=group, method=m))
     return out
 
 
