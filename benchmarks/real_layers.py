@@ -19,7 +19,10 @@ more than 1%. Writes benchmarks/results/real_layers.{json,md}. On a shared machi
 can run in separate processes: `--formats nvfp4,mxfp4 --part /tmp/a.json`, `--formats
 int4,int3 --part /tmp/b.json`, then `--merge /tmp/a.json /tmp/b.json`. A new row joins
 earlier results without rerunning the others: `--rows "PermuQuant-HS" --add-to
-benchmarks/results/real_layers.json` (same --tokens and --layers as those results).
+benchmarks/results/real_layers.json` (same --tokens and --layers as those results). Every
+layer with the fast rows only (the best-of-criteria and refine rows take ~85 s per layer and
+format on 2 cores): `--layers 0 --rows "sorting (joint,Hadamard,PermuQuant" --name
+real_layers_all`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -39,7 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from benchmarks.common import write_results
 from pqjax import formats, permute, rotate
 from pqjax.baselines.hadamard import SMOOTH_ALPHAS
-from pqjax.baselines.smooth_search import smoothed_search
+from pqjax.baselines.smooth_search import best_smoothed
 
 FORMATS = (("nvfp4", None), ("mxfp4", None), ("int4", 64), ("int3", 64))
 TEXTS = Path("/usr/share/common-licenses")
@@ -103,12 +107,21 @@ def scalable(layer: str) -> bool:
     """Whether a per-channel scale on the layer's input folds into its producer, as
     `Site.scalable` says for the DiTs: q, k, v and the FFN's first layer read a LayerNorm (its
     affine), the attention output reads the value projection's columns; the FFN's second layer
-    (`layer.N.output.dense`) reads GELU's output, where nothing folds."""
+    (`layer.N.output.dense`) reads GELU's output, where nothing folds: permuquant_hs tries no
+    scale there, unless with option online (the layer applies it, `QuantLinear.input_scale`)."""
     return not (layer.endswith(".output.dense") and ".attention." not in layer)
 
 
+class Kernel(NamedTuple):
+    """A layer's kernel (d_in, d_out) and whether a scale on its input folds (`scalable`)."""
+
+    kernel: np.ndarray
+    scalable: bool
+
+
 def choices(fmt: formats.Format):
-    """Row name -> fn(x_calib, w) -> (perm, rotation name or None, smoothing scale or None)."""
+    """Row name -> fn(x_calib, w) -> (perm, rotation name or None, smoothing scale or None);
+    w: the kernel, a `Kernel` for the PermuQuant-HS rows."""
     g = fmt.group_size
     ident = lambda x: np.arange(x.shape[1])  # noqa: E731
     kw = dict(weights=fmt, acts=fmt, tau=0.0)
@@ -116,20 +129,16 @@ def choices(fmt: formats.Format):
     def kept(res, scale=None):
         return res.perm, res.rotate, scale
 
-    def smoothed_joint(x, w, scalable):
-        """permuquant_hs on one layer: the joint choice under each smoothing strength (where
-        a scale folds into the producer) and without a scale; the lowest calibration error at
-        or below RTN's is kept."""
-        rtn = permute.layer_errors(x, [w], ident(x), fmt, fmt)[0]
-        best = None
-        for strength in (None, *SMOOTH_ALPHAS) if scalable else (None,):
-            s, res = smoothed_search(x, [w], strength, act_absmax=np.abs(x).max(0),
-                                     act_mean_sq=np.mean(np.square(x), 0), alpha=0.5,
-                                     rotate=rotate.candidates(g, x.shape[1]), **kw)
-            final = res.err_permuted if res.accepted else res.err_identity
-            if (strength is None or final <= rtn) and (best is None or final < best[0]):
-                best = (final, res, s)
-        return kept(best[1], best[2])
+    def smoothed_joint(x, w, online=False):
+        """permuquant_hs on one layer (`best_smoothed`): the joint choice without a scale and
+        under each smoothing strength, where the scale folds into the producer (online: also
+        where it does not, applied by the layer); the lowest calibration error at or below
+        RTN's is kept."""
+        strengths = SMOOTH_ALPHAS if online or w.scalable else ()
+        *_, s, res = best_smoothed(x, w.kernel, strengths, act_absmax=np.abs(x).max(0),
+                                   act_mean_sq=np.mean(np.square(x), 0), alpha=0.5,
+                                   rotate=rotate.candidates(g, x.shape[1]), **kw)
+        return kept(res, s)
 
     def best_of(x, w, **more):
         best = None
@@ -154,7 +163,9 @@ def choices(fmt: formats.Format):
                            refine=REFINE_ROUNDS, **kw)),
         "sorting + refine (no rotation)": lambda x, w: kept(
             permute.search(x, w, alpha=0.5, refine=REFINE_ROUNDS, **kw)),
-        "PermuQuant-HS (smoothing + joint choice)": smoothed_joint,  # (x, w, scalable)
+        "PermuQuant-HS (smoothing + joint choice)": smoothed_joint,
+        "PermuQuant-HS + online scales (option online)": lambda x, w: smoothed_joint(
+            x, w, online=True),
     }
 
 
@@ -171,13 +182,14 @@ def measure(layers, names, wname: str, group: int | None,
         xc, xh, w = layers[name]
         rtn = permute.layer_errors(xh, [w], np.arange(w.shape[0]), fmt, fmt)[0]
         for r, choose in rows.items():
-            perm, rot, s = (choose(xc, w, scalable(name)) if r.startswith("PermuQuant-HS")
-                            else choose(xc, w))
+            kernel = Kernel(w, scalable(name)) if r.startswith("PermuQuant-HS") else w
+            perm, rot, s = choose(xc, kernel)
             x, k = (xh, w) if s is None else (xh / s, w * s[:, None])
             e = permute.layer_errors(x, [k], perm, fmt, fmt, rot)[0]
             ratios[r].append(e / rtn)
             per_layer.setdefault(name, {})[r] = {
-                "ratio": e / rtn, "rotate": rot, "smoothed": s is not None,
+                "ratio": e / rtn, "rotate": rot,
+                "smoothed": None if s is None else "folded" if scalable(name) else "online",
                 "permuted": bool(np.any(np.asarray(perm) != np.arange(len(perm)))),
             }
     summary = {
@@ -231,7 +243,10 @@ def add_rows(payload: dict, into: Path) -> dict:
             old["per_layer"][label][layer].update(row)
         old["results"][label].update({r: v for r, v in rows.items() if r != "RTN"})
     old.setdefault("first_rows_machine", old.pop("machine", None))
-    old.setdefault("added_rows", []).append({
+    rows_now = set(next(iter(payload["results"].values()))) - {"RTN"}
+    old["added_rows"] = [a for a in old.get("added_rows", [])  # a row measured again: once
+                         if not rows_now.issuperset(a["rows"])]
+    old["added_rows"].append({
         "date": time.strftime("%Y-%m-%d"), "seconds": payload["seconds"],
         "rows": [r for r in next(iter(payload["results"].values())) if r != "RTN"]})
     return old
@@ -247,6 +262,8 @@ def main() -> None:
     ap.add_argument("--rows", default="", help="only the rows whose names start with one of "
                     "these (comma-separated; RTN always runs)")
     ap.add_argument("--add-to", type=Path, help="add this run's rows to these results (JSON)")
+    ap.add_argument("--name", default="real_layers",
+                    help="results name: benchmarks/results/<name>.{json,md}")
     args = ap.parse_args()
     if args.merge:
         parts = [json.loads(p.read_text()) for p in args.merge]
@@ -280,7 +297,7 @@ def main() -> None:
         if args.add_to:
             payload = add_rows(payload, args.add_to)
     md = table(payload)
-    write_results("real_layers", {k: v for k, v in payload.items() if k != "machine"}, md)
+    write_results(args.name, {k: v for k, v in payload.items() if k != "machine"}, md)
     print(md)
 
 

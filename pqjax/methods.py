@@ -45,7 +45,10 @@ class Plan:
     learned clipping folded in, or a residual after a low-rank branch).
     qweights: Linear path -> ready QTensor `(d_out, d_in)` (e.g. GPTQ-rounded).
     extras: Linear path -> {"input_scale": (d_in,), "low_rank": (down (d_in, r), up (r, d_out)),
-    "input_transform": name} for the QuantLinear (see `pqjax.layers.QuantLinear`).
+    "input_transform": name} for the QuantLinear (see `pqjax.layers.QuantLinear`), and
+    "act_amax": the calibrated absmax of what the activation quantizer reads, where the method
+    changes it beyond a range-keeping scale (a rotation: `max |x T|`); the static NVFP4
+    activation global scale is derived from it (default: the calibrated input's absmax).
     layers: Linear path -> report fields (err_rtn, err, accepted, criterion, site, ...).
     sites: site name -> report fields. perms: site name -> the absorbed order `(dim,)`.
     """

@@ -215,8 +215,8 @@ def apply_plan(plan: Plan, calib: Calibration, config: QuantConfig, targets: lis
     """Turn `plan` into quantized layers: every Linear at `targets` of `plan.model` becomes a
     QuantLinear of `config`'s formats, with the plan's replacement kernel, pre-rounded weight
     and extras; the activation global scale comes from the calibrated absmax (`calib`, paths
-    as in `plan.model`). Returns `plan.model`, changed in place. The only place a Linear is
-    quantized."""
+    as in `plan.model`), or from the plan's "act_amax" where it rotates the input. Returns
+    `plan.model`, changed in place. The only place a Linear is quantized."""
     qmodel = plan.model
     wfmt, afmt = config.weight_format(), config.act_format()
     if wfmt is None:  # activation-only quantization keeps an unquantized weight
@@ -224,7 +224,8 @@ def apply_plan(plan: Plan, calib: Calibration, config: QuantConfig, targets: lis
     for path in targets:
         lin = module_at(qmodel, path)
         stats = calib.get(path)
-        amax = None if stats is None else jnp.max(stats.absmax)
+        extras = plan.extras.get(path, {})
+        amax = None if stats is None else extras.get("act_amax", jnp.max(stats.absmax))
         try:
             q = QuantLinear.from_linear(
                 lin, weights=wfmt, acts=afmt, act_amax=amax, kernel=plan.kernels.get(path)
@@ -238,8 +239,7 @@ def apply_plan(plan: Plan, calib: Calibration, config: QuantConfig, targets: lis
                 q.global_scale[...] = qt.global_scale
             if qt.zero_point is not None:
                 q.zero_point[...] = qt.zero_point
-        extras = plan.extras.get(path, {})
-        unknown = set(extras) - {"low_rank", "input_scale", "input_transform"}
+        unknown = set(extras) - {"low_rank", "input_scale", "input_transform", "act_amax"}
         if unknown:
             raise ValueError(f"{config.method}: unknown extras {sorted(unknown)} for {path}")
         if "low_rank" in extras:

@@ -13,10 +13,16 @@ s = max|x_j|^a / max|W_j|^(1-a) (a in option "alphas", `site_scale`) gets its ow
 on x / s and diag(s) W, next to the choice without a scale; the lowest summed calibration error
 whose consumers all stay at or below RTN on their own rows is kept (so at every site it ends at
 most at permuquant_h's error). The scale folds as SmoothQuant's (`smoothing.absorb_scales`),
-then the order is absorbed and the rotation folded. The layers' errors are reported as chosen:
-a scale folded into a producing Linear's output columns rescales that layer's groups, which
-leaves INT errors unchanged and NVFP4's within its E4M3 scale rounding, and is not re-measured.
-With option rotations "rotated" or "fixed" no scale is tried.
+then the order is absorbed and the rotation folded. With option "online", sites where no scale
+folds (after GELU or SiLU, FLUX's temb) and layers no site reads get the same choice, the
+scale applied by each consumer (`QuantLinear.input_scale`: one multiply per input element
+before the quantizer, as smoothquant and svdquant do there; every consumer of such a site must
+be quantized). Off by default: on the real layers of benchmarks/real_layers.py it lowered
+the geometric means by under 1% and, at NVFP4, made one FFN output layer 14% worse than RTN
+held out (5% better on the calibration half). The layers' errors are reported as chosen: a
+scale folded into a producing Linear's output columns rescales that layer's groups, which
+leaves INT errors unchanged and NVFP4's within its E4M3 scale rounding, and is not
+re-measured. With option rotations "rotated" or "fixed" no scale is tried.
 
 permuquant_h: the joint choice of rotation and order at every site (`permute.search(...,
 rotate=candidates)`): no change, the order alone, a rotation alone, or order + rotation, among
@@ -42,11 +48,13 @@ default candidates), err (what the method deploys, on calibration rows), transfo
 or None), act_amax_growth. hadamard's rows: err_rtn, err, transform, act_amax_growth; the
 rotation alone carries no guarantee against RTN: err may exceed err_rtn (NVFP4 in particular).
 
-NVFP4 caveat: `pqjax.quantize` derives the static activation global scale from the calibration
-absmax of the UNROTATED input; a rotated block can exceed it by up to sqrt(b) (Sylvester on a
-constant block), and E4M3 block scales then saturate at run time. act_amax_growth = max |x T| /
-max |x| on the calibration rows shows where (> 1). The errors reported here use the dynamic
-per-tensor scale of the rotated rows, like `rtn_errors` does for RTN.
+NVFP4's static activation global scale: a rotated block's absmax can exceed the input's by up
+to sqrt(b) (Sylvester on a constant block), and E4M3 block scales derived from the unrotated
+absmax then saturate at run time (before 2026-12-07 they did: up to 2.26x on the embedded
+model's permuquant_h layers, which cost it ~1.6 dB against PermuQuant). Every rotated layer's
+plan therefore carries "act_amax" = act_amax_growth x the calibrated absmax, where
+act_amax_growth = max |x T| / max |x| on the calibration rows (in the site's order and scale),
+so the static scale fits the rotated input as the search's dynamic per-tensor scale did.
 """
 
 from __future__ import annotations
@@ -61,7 +69,7 @@ import numpy as np
 from flax import nnx
 
 from pqjax import permute, rotate
-from pqjax.baselines.smooth_search import smoothed, smoothed_search
+from pqjax.baselines.smooth_search import best_smoothed, smoothed, smoothed_search
 from pqjax.baselines.smoothing import absorb_scales
 from pqjax.calibrate import Calibration
 from pqjax.methods import Option, Plan, kernel_of, model_sites, register_method, rtn_errors
@@ -125,6 +133,17 @@ def amax_growth(calib: Calibration, path: str, name: str, perm: Any = None,
     return float(_amax_growth(name, rows if perm is None else rows[:, perm]))
 
 
+def rotated_act_amax(calib: Calibration, path: str, growth: float,
+                     scale: np.ndarray | None = None) -> dict[str, float]:
+    """{"act_amax": the calibrated absmax of what the rotated layer's activation quantizer
+    reads}, `growth` (`amax_growth`) times max |x / scale| over every calibrated token: the
+    static NVFP4 activation global scale then fits the rotated input (Plan.extras)."""
+    a = np.asarray(calib[path].absmax, np.float32)
+    if scale is not None:
+        a = a / np.asarray(scale, np.float32)
+    return {"act_amax": float(growth) * float(a.max())}
+
+
 def rotation_plan(
     model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str], kind: str
 ) -> Plan:
@@ -138,11 +157,13 @@ def rotation_plan(
         plan.extras[path] = {"input_transform": name}
         err = rotated_error(calib, config, path, kernel, name)
         if err is not None:
+            growth = amax_growth(calib, path, name)
+            plan.extras[path].update(rotated_act_amax(calib, path, growth))
             plan.layers[path] = {
                 "err_rtn": rtn[path],
                 "err": err,
                 "transform": name,
-                "act_amax_growth": amax_growth(calib, path, name),
+                "act_amax_growth": growth,
             }
     return plan
 
@@ -222,16 +243,16 @@ def _site_choice(model: nnx.Module, calib: Calibration, config: QuantConfig,
                  site: permute.Site, seed: int, refine: int, alphas: tuple[float, ...]
                  ) -> tuple[float | None, np.ndarray | None, permute.SearchResult, dict]:
     """(smoothing strength or None, scale or None, the search's result, own-rows errors) of
-    the site: the joint (rotation, order) choice without a scale and, at a scalable site,
-    under each strength's scale; the lowest summed calibration error whose consumers all pass
-    the acceptance rule on their own rows is kept."""
+    the site: the joint (rotation, order) choice without a scale and under each strength's
+    scale in `alphas` (empty: none tried); the lowest summed calibration error whose consumers
+    all pass the acceptance rule on their own rows is kept."""
     wfmt, afmt = config.weight_format(), config.act_format()
     stats = calib[site.consumers[0]]
     kernels = [kernel_of(model, c) for c in site.consumers]
     candidates = rotation_candidates(config, site.dim)
     guard = candidates[0] is None
     best = None
-    for strength in (None, *alphas) if site.scalable and guard else (None,):
+    for strength in (None, *alphas) if guard else (None,):
         s, res = smoothed_search(
             stats.rows, kernels, strength, act_absmax=stats.absmax, act_mean_sq=stats.mean_sq,
             criterion=config.criterion, segments=site.segments, seed=seed, rotate=candidates,
@@ -252,18 +273,21 @@ def _site_choice(model: nnx.Module, calib: Calibration, config: QuantConfig,
 def joint_search(
     model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str],
     sites: list[permute.Site] | None = None, refine: int = 0, alphas: tuple[float, ...] = (),
+    online: bool = False,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, str | None], dict, dict]:
     """The joint (rotation, order) choice at every site with a quantized consumer, and the
     rotation choice (order fixed) for every target no site reads.
 
-    Returns (scales to fold (site -> s, permuquant_hs only), orders to absorb (site -> perm,
-    identity orders left out), rotation per target path (None: none), site report, layer
-    report). One rotation per site, shared by its consumers; errors on calibration rows;
+    Returns (scales (site -> s at a site, layer path -> s at a layer no site reads; in the
+    input's channel order; permuquant_hs only), orders to absorb (site -> perm, identity
+    orders left out), rotation per target path (None: none), site report, layer report). One
+    rotation per site, shared by its consumers; errors on calibration rows;
     err_reference is the error of the reference (RTN for the default candidates, which start
     with None). refine: rounds of greedy swaps between groups (`permute.refine`) scored as one
-    more order at every site. alphas: smoothing strengths tried at scalable sites (see
-    permuquant_hs; where a scale is kept, a site row's err_identity is the error under that
-    scale alone). sites: see `pqjax.methods` (None: the model's own).
+    more order at every site. alphas: smoothing strengths tried at scalable sites, and with
+    `online` also at the others and at layers no site reads (see permuquant_hs; where a scale
+    is kept, a site row's err_identity is the error under that scale alone). sites: see
+    `pqjax.methods` (None: the model's own).
     """
     wfmt, afmt = config.weight_format(), config.act_format()
     kw = dict(weights=wfmt, acts=afmt, alpha=config.alpha, tau=config.tau)
@@ -273,8 +297,10 @@ def joint_search(
     for i, site in enumerate(todo):
         if site.consumers[0] not in calib:
             continue
+        # a scale that cannot fold is applied online by the consumers: all must be quantized
+        online_ok = site.scalable or (online and wanted.issuperset(site.consumers))
         alpha, s, res, own = _site_choice(model, calib, config, site, config.seed + i, refine,
-                                          alphas)
+                                          alphas if online_ok else ())
         if s is not None:
             scales[site.name] = s
         if res.accepted and not np.array_equal(res.perm, np.arange(site.dim)):
@@ -293,12 +319,16 @@ def joint_search(
     for path in targets:
         if path in layer_rows or path not in calib:
             continue  # no calibration rows: no choice, the layer stays unrotated
-        rows = calib[path].rows
-        res = permute.search(rows, kernel_of(model, path), criterion="identity",
-                             rotate=rotation_candidates(config, rows.shape[1]), **kw)
+        stats = calib[path]
+        err, rtn, alpha, s, res = best_smoothed(  # no site: a scale is applied online only
+            stats.rows, kernel_of(model, path), alphas if online else (),
+            act_absmax=stats.absmax, criterion="identity",
+            rotate=rotation_candidates(config, stats.rows.shape[1]), **kw)
+        if s is not None:
+            scales[path] = s
         rotations[path] = res.rotate
-        err = res.err_permuted if res.accepted else res.err_identity
-        layer_rows[path] = {"site": None, **_row(res, res.err_identity, err)}
+        layer_rows[path] = {"site": None, **_row(res, rtn, err),
+                            **({"smooth_alpha": alpha} if alphas else {})}
     return scales, perms, rotations, site_rows, layer_rows
 
 
@@ -332,6 +362,8 @@ SMOOTH_ALPHAS = (0.2, 0.35, 0.5, 0.65)
     **JOINT_OPTIONS,
     "alphas": Option((tuple, list), SMOOTH_ALPHAS, "smoothing strengths to try, in [0, 1]",
                      unit=True),
+    "online": Option(bool, False, "also try scales applied online (QuantLinear.input_scale) "
+                     "where none folds"),
 })
 def permuquant_hs(
     model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str],
@@ -343,29 +375,37 @@ def permuquant_hs(
     consumers all stay at or below RTN is kept, then folded like SmoothQuant's."""
     alphas = tuple(float(a) for a in config.option("alphas"))
     return joint_plan(model, calib, config, targets, sites, refine=int(config.option("refine")),
-                      alphas=alphas)
+                      alphas=alphas, online=bool(config.option("online")))
 
 
 def joint_plan(
     model: nnx.Module, calib: Calibration, config: QuantConfig, targets: list[str],
     sites: list[permute.Site] | None, refine: int, alphas: tuple[float, ...] = (),
+    online: bool = False,
 ) -> Plan:
     sites = model_sites(model, sites)
     scales, perms, rotations, site_rows, layer_rows = joint_search(
-        model, calib, config, targets, sites, refine, alphas)
-    folded = absorb_scales(model, scales, site_list=sites) if scales else model
-    absorbed = permute.absorb(folded, perms, site_list=sites)
+        model, calib, config, targets, sites, refine, alphas, online)
+    scalable = {site.name for site in sites if site.scalable}
+    folded = {n: s for n, s in scales.items() if n in scalable}
+    absorbed = permute.absorb(absorb_scales(model, folded, site_list=sites) if folded else model,
+                              perms, site_list=sites)
     rtn = rtn_errors(model, calib, config, targets)
     plan = Plan(model=absorbed, sites=site_rows, perms=perms)
     for path in targets:
-        name = rotations.get(path)
-        if name is not None:
-            plan.kernels[path] = rotate.fold_into_kernel(name, kernel_of(absorbed, path))
-            plan.extras[path] = {"input_transform": name}
-        row = layer_rows.get(path)
+        name, row = rotations.get(path), layer_rows.get(path)
+        site = None if row is None else row["site"] or path  # an unsited layer: its own scale
+        scale, growth = scales.get(site), None
+        kernel, extras = kernel_of(absorbed, path), {}
+        if scale is not None and site not in folded:  # online: x / s before the quantizer
+            s = jnp.asarray(scale if site not in perms else scale[perms[site]], jnp.float32)
+            kernel, extras["input_scale"] = s[:, None] * kernel.astype(jnp.float32), 1.0 / s
+        if name is not None:  # a rotation is only chosen on calibration rows
+            kernel = rotate.fold_into_kernel(name, kernel)
+            growth = amax_growth(calib, path, name, perms.get(site), scale)
+            extras.update(input_transform=name, **rotated_act_amax(calib, path, growth, scale))
+        if extras:
+            plan.kernels[path], plan.extras[path] = kernel, extras
         if row is not None and path in rtn:
-            site = row["site"]
-            growth = None if name is None else amax_growth(
-                calib, path, name, perms.get(site), scales.get(site))
             plan.layers[path] = {"err_rtn": rtn[path], **row, "act_amax_growth": growth}
     return plan

@@ -53,3 +53,22 @@ def smoothed_search(
     mean_sq = None if act_mean_sq is None else np.asarray(act_mean_sq) / np.square(s)
     return s, permute.search(pairs[0][0], [k for _, k in pairs], act_mean_sq=mean_sq,
                              act_absmax=np.asarray(act_absmax) / s, **search_kw)
+
+
+def best_smoothed(
+    rows: Any, kernel: Any, strengths: tuple[float, ...], *, act_absmax: Any, **search_kw: Any
+) -> tuple[float, float, float | None, np.ndarray | None, permute.SearchResult]:
+    """One layer's choice among no scale and the scale of each strength, each with its own
+    search (search_kw: `permute.search`'s; its candidates must start with no change, so the
+    first search's err_identity is RTN's): the lowest calibration error at or below RTN's.
+    Returns (error, RTN's error, strength or None, scale `(d_in,)` or None, the result)."""
+    best, rtn = None, np.inf
+    for strength in (None, *strengths):
+        s, res = smoothed_search(rows, [kernel], strength, act_absmax=act_absmax, **search_kw)
+        err = res.err_permuted if res.accepted else res.err_identity
+        if strength is None:
+            rtn = res.err_identity  # no scale, identity order, no rotation
+        if err <= rtn and (best is None or err < best[0]):
+            best = (err, strength, s, res)
+    err, strength, s, res = best
+    return err, rtn, strength, s, res

@@ -85,7 +85,7 @@ def full_precision_model(plan: Plan, targets: list[str]) -> nnx.Module:
     model = nnx.clone(plan.model)
     for path in targets:
         extras = plan.extras.get(path, {})
-        assert set(extras) <= {"input_transform"}, extras
+        assert set(extras) <= {"input_transform", "act_amax"}, extras
         lin = module_at(model, path)
         if path in plan.kernels:
             lin.kernel.set_value(jnp.asarray(plan.kernels[path], lin.kernel[...].dtype))

@@ -9,7 +9,7 @@ import pqjax
 from pqjax import formats, permute, rotate
 from pqjax.layers import QuantLinear
 from pqjax.methods import get_method
-from pqjax.quantize import quantizable
+from pqjax.quantize import apply_plan, quantizable
 from tests.baselines.rotation_helpers import forward, full_precision_model, rel_err, tiny_flux
 from tests.permute.synthetic import outlier_layer
 
@@ -124,6 +124,36 @@ def test_permuquant_h_is_never_worse_than_permuquant_or_hadamard(config):
     wins = sum(pqh.layers[p]["err"] < min(pq.layers[p]["err"], had.layers[p]["err"]) / slack
                for p in targets)
     assert wins > 0  # the joint choice beats both on some layers
+
+
+@pytest.mark.parametrize("method", ["hadamard", "permuquant_h"])
+def test_static_nvfp4_act_scale_fits_the_rotated_input(method):
+    """The static NVFP4 activation global scale comes from the absmax of what the quantizer
+    reads, the rotated input (plan extras "act_amax"), not from the unrotated input: with the
+    latter, a layer whose rotation raises the absmax (act_amax_growth > 1) saturates its E4M3
+    block scales at run time. Checked against the rotated inputs of the plan's full-precision
+    model over every calibration token: max |x T| = 6 * 448 * global scale where the
+    calibration keeps every row (act_amax_growth is measured on the row sample and scales the
+    absmax of every token: with a sample, an estimate). Tolerance 1e-4: the two programs may
+    sum a rotation of up to 512 channels in another order (<= 512 u = 3e-5), then a few
+    float32 roundings."""
+    model, _, data = tiny_flux()
+    calib = pqjax.calibrate(model, data, n_rows=1024, progress=False)  # every row kept
+    cfg = pqjax.QuantConfig(method=method, weights="nvfp4", acts="nvfp4")
+    targets = quantizable(model, cfg)
+    plan = get_method(method)(model, calib, cfg, targets)
+    rotated = [p for p in targets if plan.extras.get(p, {}).get("input_transform")]
+    growth = {p: plan.layers[p]["act_amax_growth"] for p in rotated}
+    assert max(growth.values()) > 1.05, growth  # layers where the unrotated absmax saturates
+    seen = pqjax.calibrate(full_precision_model(plan, targets), data, n_rows=8,
+                           progress=False)  # the Linear inside each rotation reads x T
+    qmodel = apply_plan(plan, calib, cfg, targets)
+    ratios = {}
+    for p in rotated:
+        gs = float(permute.module_at(qmodel, p).act_global_scale[...])
+        ratios[p] = float(np.max(seen[f"{p}.linear"].absmax)) / (6 * 448 * gs)
+    print(method, "max |xT| / range:", max(ratios.values()), "growth:", max(growth.values()))
+    assert all(abs(r - 1) <= 1e-4 for r in ratios.values()), ratios
 
 
 # Each method and each config (block 64 and 16) end to end once, not their full product:

@@ -24,22 +24,27 @@ CONFIGS = {
 SLACK = 1 + 1e-5  # the same error evaluated in different jit programs (summation order)
 
 
-def plans(model, calib, config: str) -> tuple[dict, dict, list[str]]:
+def plans(model, calib, config: str, **hs_options) -> tuple[dict, dict, list[str]]:
     out = {}
     for method in ("permuquant_hs", "permuquant_h"):
-        cfg = pqjax.QuantConfig(method=method, **CONFIGS[config])
+        options = tuple(hs_options.items()) if method == "permuquant_hs" else ()
+        cfg = pqjax.QuantConfig(method=method, options=options, **CONFIGS[config])
         targets = quantizable(model, cfg)
         out[method] = get_method(method)(model, calib, cfg, targets)
     return out["permuquant_hs"], out["permuquant_h"], targets
 
 
-@pytest.mark.parametrize("config", sorted(CONFIGS))
-def test_never_worse_than_permuquant_h_on_calibration_rows(config):
+@pytest.mark.parametrize("config, online", [("nvfp4", False), ("int4_g64", False),
+                                            ("int4_g64", True)])
+def test_never_worse_than_permuquant_h_on_calibration_rows(config, online):
     """Per site, summed over its consumers: permuquant_hs <= permuquant_h; per layer <= RTN
     (the acceptance rule, every consumer on its own rows). And the scale is kept somewhere:
-    the tiny FLUX's random channel gains are what smoothing is for."""
+    the tiny FLUX's random channel gains are what smoothing is for. Option online: also
+    where no scale folds (applied by the consumers), the same bounds."""
     model, calib, _ = tiny_flux()
-    hs, h, targets = plans(model, calib, config)
+    hs, h, targets = plans(model, calib, config, online=online)
+    online_layers = sorted(p for p, ex in hs.extras.items() if "input_scale" in ex)
+    assert bool(online_layers) == online, online_layers
     assert set(hs.layers) == set(h.layers)
     by_site: dict = {}
     for path, row in hs.layers.items():
@@ -58,8 +63,11 @@ def test_never_worse_than_permuquant_h_on_calibration_rows(config):
 
 def test_flux_plan_is_exact_in_full_precision():
     model, calib, data = tiny_flux()
-    hs, _, _ = plans(model, calib, "int4_g64")
+    hs, _, _ = plans(model, calib, "int4_g64", online=True)
     assert any(row["smooth_alpha"] is not None for row in hs.sites.values())
+    online = sorted(p for p, ex in hs.extras.items() if "input_scale" in ex)
+    print("scales applied online:", online)
+    assert online  # after GELU / SiLU, or a layer no site reads: QuantLinear.input_scale
     ref = np.asarray(forward(model, data[0]))
     # float32 forward of a different but equivalent graph: 1e-5 relative (the sites tests' bar)
     assert_close_rel(np.asarray(forward(plan_model(hs), data[0])), ref, 1e-5,

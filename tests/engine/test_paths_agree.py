@@ -39,7 +39,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "svdquant": {"rank": 4, "alphas": (0.4, 0.6)},
     "smoothquant": {"alphas": (0.4, 0.6)},
     "permuquant_h": {"max_block": 32},
-    "permuquant_hs": {"max_block": 32, "alphas": (0.5,)},
+    "permuquant_hs": {"max_block": 32, "alphas": (0.5,), "online": True},  # every scale kind
 }
 CASES = {
     "flux": (FluxTransformer2DModel, FluxConfig(**FLUX), flux_batch),
@@ -92,6 +92,10 @@ def test_streamed_equals_in_memory(case, method, tmp_path):
     quantized = {".".join(map(str, p)) for p, m in nnx.iter_graph(mem)
                  if isinstance(m, pqjax.QuantLinear)}
     assert quantized and quantized == {r["layer"] for r in mem_report.layers}
+    if method == "permuquant_hs" and name != "zimage":  # option online: scales applied by
+        # the layers compared too (Z-Image's SwiGLU hidden site folds into w3: none kept)
+        assert any(m.input_scale is not None for _, m in nnx.iter_graph(mem)
+                   if isinstance(m, pqjax.QuantLinear))
 
 
 def test_model_stage_decides_the_sites_that_span_blocks(case):
