@@ -243,12 +243,11 @@ def add_rows(payload: dict, into: Path) -> dict:
             old["per_layer"][label][layer].update(row)
         old["results"][label].update({r: v for r, v in rows.items() if r != "RTN"})
     old.setdefault("first_rows_machine", old.pop("machine", None))
-    rows_now = set(next(iter(payload["results"].values()))) - {"RTN"}
+    rows_now = [r for r in next(iter(payload["results"].values())) if r != "RTN"]
     old["added_rows"] = [a for a in old.get("added_rows", [])  # a row measured again: once
-                         if not rows_now.issuperset(a["rows"])]
-    old["added_rows"].append({
-        "date": time.strftime("%Y-%m-%d"), "seconds": payload["seconds"],
-        "rows": [r for r in next(iter(payload["results"].values())) if r != "RTN"]})
+                         if not set(rows_now).issuperset(a["rows"])]
+    old["added_rows"].append({"date": time.strftime("%Y-%m-%d"), "seconds": payload["seconds"],
+                              "rows": rows_now})
     return old
 
 
