@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 from flax import nnx
 
 from pqjax import permute
-from pqjax.baselines.hadamard import ROTATION_OPTIONS, rotation_plan
+from pqjax.baselines.hadamard import rotation_plan
+from pqjax.baselines.rotation_choice import ROTATION_OPTIONS
 from pqjax.calibrate import Calibration
 from pqjax.methods import Plan, register_method
 

@@ -33,9 +33,19 @@ get the rotation choice alone (order fixed). Since the candidates hold both Perm
 (None, sorted order) and Hadamard's (in-group block, identity order), on calibration rows a
 single-consumer site or unsited layer ends at most at min(RTN, PermuQuant, Hadamard); a site
 with several consumers (one rotation for all, the order is shared) at most at PermuQuant's
-summed error and at Hadamard's whenever no consumer is worse than RTN under it. Accepted
-orders are absorbed (`permute.absorb`), then each consumer's rotation is folded into its
-permuted kernel. Layers without calibration rows stay unrotated. Option rotations="fixed"
+summed error and at Hadamard's whenever no consumer is worse than RTN under it. With NVFP4
+activations, per-image sites (`Site.per_image`: FLUX's temb and Z-Image's adaln, one
+conditioning row per image read by every AdaLN linear) get no rotation candidate, so there
+the bound is PermuQuant's alone (`site_candidates`; option "rotate_per_image": "auto" is
+this, "yes" / "no" everywhere). An AdaLN linear's error shifts the modulation of every token
+of its image the same way, and the per-row relative error the choice minimizes does not
+predict what that does to the images: on the embedded model (2026-12-07, three calibration
+draws, 50 images each) the rotations kept at temb lowered those layers' calibration error
+(NVFP4: 0.0008-0.0009 -> 0.0005-0.0007) and changed PSNR by -0.63, -0.09 and -0.09 dB at
+NVFP4 but +0.47, +0.55 and +0.68 dB at INT4 g64 (per-draw differences against no rotation
+there; throwaway runs, see benchmarks/calib_draws.py for the draws).
+Accepted orders are absorbed (`permute.absorb`), then each consumer's rotation is folded into
+its permuted kernel. Layers without calibration rows stay unrotated. Option rotations="fixed"
 restores the behaviour before the joint choice (the in-group Hadamard on every layer, orders
 compared under it).
 
@@ -69,6 +79,13 @@ import numpy as np
 from flax import nnx
 
 from pqjax import permute, rotate
+from pqjax.baselines.rotation_choice import (
+    JOINT_OPTIONS,
+    ROTATION_OPTIONS,
+    rotation_candidates,
+    site_candidates,
+    transform_for,
+)
 from pqjax.baselines.smooth_search import best_smoothed, smoothed, smoothed_search
 from pqjax.baselines.smoothing import absorb_scales
 from pqjax.calibrate import Calibration
@@ -76,31 +93,6 @@ from pqjax.methods import Option, Plan, kernel_of, model_sites, register_method,
 
 if TYPE_CHECKING:
     from pqjax.quantize import QuantConfig
-
-
-# The options of the rotation methods (`QuantConfig.options`).
-ROTATION_OPTIONS = {
-    "block": Option((int, type(None)), None, "rotation block size (None: from the group)",
-                    positive=True),
-    "seed": Option((int, type(None)), None, "random signs on the rotation (None: none)"),
-}
-JOINT_OPTIONS = {
-    **ROTATION_OPTIONS,
-    "rotations": Option(str, "search", "'search' (joint choice), 'rotated' or 'fixed'",
-                        choices=("search", "rotated", "fixed")),
-    "max_block": Option((int, type(None)), None, "widest rotation block among the candidates",
-                        positive=True),
-    "refine": Option(int, 0, "rounds of greedy swaps between groups", nonnegative=True),
-}
-
-
-def transform_for(config: QuantConfig, d_in: int, kind: str) -> str:
-    """The transform name of a layer with d_in inputs: block from the format's group (the
-    finest of weights / acts), or QuantConfig option "block"; option "seed" adds signs."""
-    groups = [f.group_size for f in (config.weight_format(), config.act_format()) if f]
-    group = min((g for g in groups if g), default=None)
-    block = rotate.block_for(group, d_in, kind, config.option("block"))
-    return rotate.transform_name(kind, block, config.option("seed"))
 
 
 def rotated_error(
@@ -177,24 +169,6 @@ def hadamard(
     return rotation_plan(model, calib, config, targets, "hadamard")
 
 
-def rotation_candidates(config: QuantConfig, d_in: int) -> tuple[str | None, ...]:
-    """permuquant_h's rotation candidates for a d_in-channel input (QuantConfig option
-    "rotations"): "search" (default) None then every legal kind and block from the group up
-    (`rotate.candidates`, capped by option "max_block"); "rotated" the same without None (a
-    rotation on every layer that has a legal block, its kind and block chosen); "fixed" the
-    in-group block
-    Hadamard (`transform_for`), as before the joint choice."""
-    mode = config.option("rotations")
-    if mode == "fixed" or config.option("block") is not None:
-        fixed = transform_for(config, d_in, "hadamard")
-        return (fixed,) if mode == "fixed" else (None, fixed)
-    groups = [f.group_size for f in (config.weight_format(), config.act_format()) if f]
-    group = min((g for g in groups if g), default=None)
-    names = rotate.candidates(group, d_in, max_block=config.option("max_block"))
-    # "rotated": None stays only where no block is legal (e.g. d_in not a multiple of 16)
-    return names if mode == "search" or len(names) == 1 else names[1:]
-
-
 def _own_rows(model: nnx.Module, calib: Calibration, site: permute.Site,
               res: permute.SearchResult, wfmt: Any, afmt: Any,
               guard: bool = True, scale: np.ndarray | None = None) -> dict[str, tuple] | None:
@@ -249,7 +223,7 @@ def _site_choice(model: nnx.Module, calib: Calibration, config: QuantConfig,
     wfmt, afmt = config.weight_format(), config.act_format()
     stats = calib[site.consumers[0]]
     kernels = [kernel_of(model, c) for c in site.consumers]
-    candidates = rotation_candidates(config, site.dim)
+    candidates = site_candidates(config, site)
     guard = candidates[0] is None
     best = None
     for strength in (None, *alphas) if guard else (None,):

@@ -80,6 +80,7 @@ def flux_sites(model: FluxTransformer2DModel) -> list[Site]:
     consumers += [f"single_transformer_blocks.{j}.norm.linear" for j in range(c.num_single_layers)]
     consumers.append("norm_out.linear")
     out.append(Site("temb", d, kind="free", scalable=False,  # SiLU before the AdaLN linears
+                    per_image=True,
                     consumers=tuple(consumers),
                     edits=tuple(e for prod in producers for e in linear_out(model, prod))))
     return out

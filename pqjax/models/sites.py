@@ -66,6 +66,10 @@ class Site:
     # The norm's output goes straight into the consumers, with no op between, so the norm
     # kernel may quantize it for them (pqjax.backends.fusion).
     direct: bool = False
+    # The consumers read one row per image, not per token (a conditioning vector such as
+    # SiLU(temb) before the AdaLN linears): a consumer's error shifts the modulation of every
+    # token of the image the same way, which a per-row error undercounts.
+    per_image: bool = False
 
     def __post_init__(self):
         if not self.segments:

@@ -62,7 +62,7 @@ def zimage_sites(model: ZImageTransformer2DModel) -> list[Site]:
     # The AdaLN linears read t_embedder's output (the final layer through a SiLU).
     finals = [f"all_final_layer.{k}.adaLN_modulation.1" for k in model.all_final_layer]
     out.append(Site(
-        "adaln", model.config.adaln_dim, kind="free", scalable=False,
+        "adaln", model.config.adaln_dim, kind="free", scalable=False, per_image=True,
         consumers=tuple(adaln_consumers + finals),
         edits=linear_out(model, "t_embedder.mlp.2"),
     ))
