@@ -1,0 +1,106 @@
+"""How much of a PSNR difference between two methods is the calibration draw?
+
+    .venv/bin/python benchmarks/calib_draws.py                     # seeds 0,1,2; ~15 min
+    .venv/bin/python benchmarks/calib_draws.py --seeds 0,1 --settings nvfp4
+
+compare_methods' paired intervals are over evaluation images, for ONE calibration (the model's
+own trajectories from noise seed 0). A quantized model is one draw: a different calibration
+seed gives other calibration rows, so other statistics, orders and rotations, and every image
+of the run shares that draw's errors. Here the same comparison runs once per calibration seed
+(the same 50 evaluation images and seeds each time): per draw, PermuQuant-H against PermuQuant
+and Hadamard (mean per-image difference and its paired 95% interval), then the mean of the
+per-draw differences over draws with its Student-t interval over draws. Writes
+benchmarks/results/calib_draws.{json,md} and the runs under benchmarks/results/calib_draws/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from benchmarks.common import RESULTS, write_results
+from benchmarks.compare_methods import SETTINGS, configs_for
+from pqjax.api import calibrate_pipeline
+from pqjax.eval.compare import EvalSpec, compare
+from pqjax.eval.metrics import DigitMetrics, mean_ci
+from pqjax.pipelines.load import load_pipeline
+
+METHODS = ("permuquant", "hadamard", "permuquant_h")
+PAIRS = (("permuquant_h", "permuquant"), ("permuquant_h", "hadamard"))
+KEYS = {"nvfp4": "W4A4 NVFP4", "int4": "W4A4 INT4 g64", "int3": "W3A3 INT3 g64",
+        "w2a3": "W2A3 INT2/INT3 g64"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2", help="calibration seeds, comma-separated")
+    parser.add_argument("--settings", default="nvfp4,int4", help=f"subset of {sorted(KEYS)}")
+    parser.add_argument("--per-digit", type=int, default=5)
+    args = parser.parse_args(argv)
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds: integers separated by commas, got {args.seeds!r}")
+    args.settings = args.settings.split(",")
+    unknown = sorted(set(args.settings) - set(KEYS))
+    if unknown:
+        parser.error(f"--settings: unknown {unknown}; choose from {sorted(KEYS)}")
+    return args
+
+
+def verdict(diff: float, ci: float) -> str:
+    return "better" if diff - ci > 0 else "**worse**" if diff + ci < 0 else "n.s."
+
+
+def main() -> None:
+    args = parse_args()
+    settings = [s for s in SETTINGS if s[0] in {KEYS[k] for k in args.settings}]
+    fp = load_pipeline()
+    spec = EvalSpec.digits(per_digit=args.per_digit)
+    metrics = DigitMetrics()
+    # diffs[setting][pair] -> per draw (mean, paired ci)
+    diffs: dict = {s[0]: {f"{a} − {b}": [] for a, b in PAIRS} for s in settings}
+    psnr: dict = {s[0]: {m: [] for m in METHODS} for s in settings}
+    for seed in args.seeds:
+        calib = calibrate_pipeline(fp, n_rows=256, track_batches=64, seed=seed, progress=True)
+        for setting in settings:
+            runs = compare(fp, calib, configs_for(setting, list(METHODS)), spec,
+                           RESULTS / "calib_draws" / f"seed{seed}", digit_metrics=metrics)
+            by = {r["method"]: r for name, r in runs.items() if name != "full_precision"}
+            for m in METHODS:
+                psnr[setting[0]][m].append(by[m]["psnr_vs_fp"])
+            for a, b in PAIRS:
+                d = np.subtract(by[a]["psnr_per_image"], by[b]["psnr_per_image"])
+                diffs[setting[0]][f"{a} − {b}"].append(mean_ci(d))
+    lines = [f"Made {datetime.date.today().isoformat()} with `.venv/bin/python "
+             f"benchmarks/calib_draws.py --seeds {','.join(map(str, args.seeds))} --settings "
+             f"{','.join(args.settings)}` on the embedded tiny FLUX ({len(spec.prompts)} "
+             "images per run, the same evaluation seeds in every draw).", ""]
+    for title, pairs in diffs.items():
+        head = " | ".join(f"seed {s}" for s in args.seeds)
+        lines += [f"**{title}**", "", f"| PSNR vs FP (dB) | {head} |",
+                  "|---|" + "---|" * len(args.seeds)]
+        lines += [f"| {m} | " + " | ".join(f"{v:.2f}" for v in vals) + " |"
+                  for m, vals in psnr[title].items()]
+        lines += ["", f"| paired difference (dB) | {head} | mean over draws |",
+                  "|---|" + "---|" * (len(args.seeds) + 1)]
+        for pair, per_draw in pairs.items():
+            mean, ci = mean_ci([d for d, _ in per_draw])
+            cells = " | ".join(f"{d:+.2f} ± {c:.2f} ({verdict(d, c)})" for d, c in per_draw)
+            lines.append(f"| {pair} | {cells} | {mean:+.2f} ± {ci:.2f} ({verdict(mean, ci)}) |")
+        lines.append("")
+    md = "\n".join(lines)
+    print(md)
+    write_results("calib_draws", {"seeds": args.seeds, "psnr": psnr, "paired": {
+        t: {p: [{"mean": d, "ci95": c} for d, c in v] for p, v in pairs.items()}
+        for t, pairs in diffs.items()}}, md)
+
+
+if __name__ == "__main__":
+    main()
