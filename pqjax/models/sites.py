@@ -68,7 +68,8 @@ class Site:
     direct: bool = False
     # The consumers read one row per image, not per token (a conditioning vector such as
     # SiLU(temb) before the AdaLN linears): a consumer's error shifts the modulation of every
-    # token of the image the same way, which a per-row error undercounts.
+    # token of the image the same way, so its per-row error need not predict its effect on
+    # the images (permuquant_h's choice there: `pqjax.baselines.rotation_choice`).
     per_image: bool = False
 
     def __post_init__(self):
