@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/calib_draws.py                     # seeds 0,1,2; ~15 min
     .venv/bin/python benchmarks/calib_draws.py --seeds 0,1 --settings nvfp4
+    .venv/bin/python benchmarks/calib_draws.py --settings nvfp4 --rotate-per-image yes \
+        --name calib_draws_rotate_per_image   # permuquant_h's option, into results/<name>.*
 
 compare_methods' paired intervals are over evaluation images, for ONE calibration (the model's
 own trajectories from noise seed 0). A quantized model is one draw: a different calibration
@@ -10,12 +12,14 @@ of the run shares that draw's errors. Here the same comparison runs once per cal
 (the same 50 evaluation images and seeds each time): per draw, PermuQuant-H against PermuQuant
 and Hadamard (mean per-image difference and its paired 95% interval), then the mean of the
 per-draw differences over draws with its Student-t interval over draws. Writes
-benchmarks/results/calib_draws.{json,md} and the runs under benchmarks/results/calib_draws/.
+benchmarks/results/<name>.{json,md} and the runs under benchmarks/results/<name>/ (--name,
+default calib_draws).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import sys
 from pathlib import Path
@@ -42,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1,2", help="calibration seeds, comma-separated")
     parser.add_argument("--settings", default="nvfp4,int4", help=f"subset of {sorted(KEYS)}")
     parser.add_argument("--per-digit", type=int, default=5)
+    parser.add_argument("--rotate-per-image", default="auto", choices=("auto", "yes", "no"),
+                        help="permuquant_h's option rotate_per_image")
+    parser.add_argument("--name", default="calib_draws", help="results name")
     args = parser.parse_args(argv)
     try:
         args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -58,6 +65,14 @@ def verdict(diff: float, ci: float) -> str:
     return "better" if diff - ci > 0 else "**worse**" if diff + ci < 0 else "n.s."
 
 
+def configs(setting: tuple, rotate_per_image: str) -> list:
+    """compare_methods' configs of METHODS for the setting, permuquant_h with the option."""
+    out = configs_for(setting, list(METHODS))
+    option = (("rotate_per_image", rotate_per_image),)
+    return [dataclasses.replace(c, options=option) if c.method == "permuquant_h" else c
+            for c in out]
+
+
 def main() -> None:
     args = parse_args()
     settings = [s for s in SETTINGS if s[0] in {KEYS[k] for k in args.settings}]
@@ -70,8 +85,8 @@ def main() -> None:
     for seed in args.seeds:
         calib = calibrate_pipeline(fp, n_rows=256, track_batches=64, seed=seed, progress=True)
         for setting in settings:
-            runs = compare(fp, calib, configs_for(setting, list(METHODS)), spec,
-                           RESULTS / "calib_draws" / f"seed{seed}", digit_metrics=metrics)
+            runs = compare(fp, calib, configs(setting, args.rotate_per_image), spec,
+                           RESULTS / args.name / f"seed{seed}", digit_metrics=metrics)
             by = {r["method"]: r for name, r in runs.items() if name != "full_precision"}
             for m in METHODS:
                 psnr[setting[0]][m].append(by[m]["psnr_vs_fp"])
@@ -80,7 +95,11 @@ def main() -> None:
                 diffs[setting[0]][f"{a} − {b}"].append(mean_ci(d))
     lines = [f"Made {datetime.date.today().isoformat()} with `.venv/bin/python "
              f"benchmarks/calib_draws.py --seeds {','.join(map(str, args.seeds))} --settings "
-             f"{','.join(args.settings)}` on the embedded tiny FLUX ({len(spec.prompts)} "
+             f"{','.join(args.settings)}"
+             + ("" if args.rotate_per_image == "auto"
+                else f" --rotate-per-image {args.rotate_per_image}")
+             + ("" if args.name == "calib_draws" else f" --name {args.name}")
+             + f"` on the embedded tiny FLUX ({len(spec.prompts)} "
              "images per run, the same evaluation seeds in every draw).", ""]
     for title, pairs in diffs.items():
         head = " | ".join(f"seed {s}" for s in args.seeds)
@@ -97,7 +116,8 @@ def main() -> None:
         lines.append("")
     md = "\n".join(lines)
     print(md)
-    write_results("calib_draws", {"seeds": args.seeds, "psnr": psnr, "paired": {
+    write_results(args.name, {"seeds": args.seeds, "rotate_per_image": args.rotate_per_image,
+                              "psnr": psnr, "paired": {
         t: {p: [{"mean": d, "ci95": c} for d, c in v] for p, v in pairs.items()}
         for t, pairs in diffs.items()}}, md)
 

@@ -40,10 +40,11 @@ the bound is PermuQuant's alone (`site_candidates`; option "rotate_per_image": "
 this, "yes" / "no" everywhere). An AdaLN linear's error shifts the modulation of every token
 of its image the same way, and the per-row relative error the choice minimizes does not
 predict what that does to the images: on the embedded model (2026-12-07, three calibration
-draws, 50 images each) the rotations kept at temb lowered those layers' calibration error
-(NVFP4: 0.0008-0.0009 -> 0.0005-0.0007) and changed PSNR by -0.63, -0.09 and -0.09 dB at
-NVFP4 but +0.47, +0.55 and +0.68 dB at INT4 g64 (per-draw differences against no rotation
-there; throwaway runs, see benchmarks/calib_draws.py for the draws).
+draws, 50 images each; benchmarks/calib_draws.py with --rotate-per-image yes / no) the
+rotations kept at temb lowered those layers' calibration error (NVFP4: 0.0008-0.0009 ->
+0.0005-0.0007) and changed PSNR by -0.62, -0.08 and -0.10 dB at NVFP4 but +0.47, +0.54 and
++0.68 dB at INT4 g64, draw by draw (results/calib_draws_rpi_yes.md against calib_draws.md at
+NVFP4; calib_draws.md against calib_draws_rpi_no.md at INT4).
 Accepted orders are absorbed (`permute.absorb`), then each consumer's rotation is folded into
 its permuted kernel. Layers without calibration rows stay unrotated. Option rotations="fixed"
 restores the behaviour before the joint choice (the in-group Hadamard on every layer, orders

@@ -26,3 +26,16 @@ def test_bad_arguments_are_named(argv, message, capsys):
 def test_defaults():
     args = parse_args([])
     assert args.seeds == [0, 1, 2] and args.settings == ["nvfp4", "int4"]
+
+
+def test_the_option_reaches_permuquant_h_only():
+    from benchmarks.calib_draws import configs
+
+    out = configs(SETTINGS[0], "yes")
+    assert [c.method for c in out] == ["permuquant", "hadamard", "permuquant_h"]
+    for c in out:
+        want = "yes" if c.method == "permuquant_h" else None
+        assert dict(c.options).get("rotate_per_image") == want, c
+    assert out[2].option("rotate_per_image") == "yes"
+    with pytest.raises(SystemExit):
+        parse_args(["--rotate-per-image", "sometimes"])
