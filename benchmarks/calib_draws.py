@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 
 from benchmarks.common import RESULTS, write_results
-from benchmarks.compare_methods import SETTINGS, configs_for
+from benchmarks.compare_methods import SETTINGS, configs_for, verdict
 from pqjax.api import calibrate_pipeline
 from pqjax.eval.compare import EvalSpec, compare
 from pqjax.eval.metrics import DigitMetrics, mean_ci
@@ -59,10 +59,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"--settings: unknown {unknown}; choose from {sorted(KEYS)}")
     return args
-
-
-def verdict(diff: float, ci: float) -> str:
-    return "better" if diff - ci > 0 else "**worse**" if diff + ci < 0 else "n.s."
 
 
 def configs(setting: tuple, rotate_per_image: str) -> list:
@@ -111,8 +107,9 @@ def main() -> None:
                   "|---|" + "---|" * (len(args.seeds) + 1)]
         for pair, per_draw in pairs.items():
             mean, ci = mean_ci([d for d, _ in per_draw])
-            cells = " | ".join(f"{d:+.2f} ± {c:.2f} ({verdict(d, c)})" for d, c in per_draw)
-            lines.append(f"| {pair} | {cells} | {mean:+.2f} ± {ci:.2f} ({verdict(mean, ci)}) |")
+            cells = " | ".join(f"{d:+.2f} ± {c:.2f} ({verdict(d, c, 'n.s.')})" for d, c in per_draw)
+            lines.append(f"| {pair} | {cells} | {mean:+.2f} ± {ci:.2f} "
+                         f"({verdict(mean, ci, 'n.s.')}) |")
         lines.append("")
     md = "\n".join(lines)
     print(md)

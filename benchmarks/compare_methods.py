@@ -118,14 +118,14 @@ def paired_line(a: dict, b: dict) -> str:
     """`a` against `b` on the same seeds: the mean per-image PSNR difference, its paired 95%
     interval, and the verdict (worse only where the whole interval is below zero)."""
     diff, ci = mean_ci(np.subtract(a["psnr_per_image"], b["psnr_per_image"]))
-    if diff - ci > 0:
-        verdict = "better"
-    elif diff + ci < 0:
-        verdict = "**worse**"
-    else:
-        verdict = "not distinguishable"
     return (f"- {a['method']} − {b['method']}: {diff:+.2f} ± {ci:.2f} dB per image "
-            f"(paired, {len(a['psnr_per_image'])} images): {verdict}")
+            f"(paired, {len(a['psnr_per_image'])} images): {verdict(diff, ci)}")
+
+
+def verdict(diff: float, ci: float, same: str = "not distinguishable") -> str:
+    """A mean difference and its interval's half-width -> "better", "**worse**" (the whole
+    interval above / below zero) or `same`."""
+    return "better" if diff - ci > 0 else "**worse**" if diff + ci < 0 else same
 
 
 if __name__ == "__main__":

@@ -34,12 +34,16 @@ JOINT_OPTIONS = {
 }
 
 
-def transform_for(config: QuantConfig, d_in: int, kind: str) -> str:
-    """The transform name of a layer with d_in inputs: block from the format's group (the
-    finest of weights / acts), or QuantConfig option "block"; option "seed" adds signs."""
+def finest_group(config: QuantConfig) -> int | None:
+    """The smaller group size of the weight and activation formats (None: per row in both)."""
     groups = [f.group_size for f in (config.weight_format(), config.act_format()) if f]
-    group = min((g for g in groups if g), default=None)
-    block = rotate.block_for(group, d_in, kind, config.option("block"))
+    return min((g for g in groups if g), default=None)
+
+
+def transform_for(config: QuantConfig, d_in: int, kind: str) -> str:
+    """The transform name of a layer with d_in inputs: block from the format's group
+    (`finest_group`), or QuantConfig option "block"; option "seed" adds signs."""
+    block = rotate.block_for(finest_group(config), d_in, kind, config.option("block"))
     return rotate.transform_name(kind, block, config.option("seed"))
 
 
@@ -53,9 +57,7 @@ def rotation_candidates(config: QuantConfig, d_in: int) -> tuple[str | None, ...
     if mode == "fixed" or config.option("block") is not None:
         fixed = transform_for(config, d_in, "hadamard")
         return (fixed,) if mode == "fixed" else (None, fixed)
-    groups = [f.group_size for f in (config.weight_format(), config.act_format()) if f]
-    group = min((g for g in groups if g), default=None)
-    names = rotate.candidates(group, d_in, max_block=config.option("max_block"))
+    names = rotate.candidates(finest_group(config), d_in, max_block=config.option("max_block"))
     # "rotated": None stays only where no block is legal (e.g. d_in not a multiple of 16)
     return names if mode == "search" or len(names) == 1 else names[1:]
 
