@@ -41,14 +41,21 @@ KEYS = {"nvfp4": "W4A4 NVFP4", "int4": "W4A4 INT4 g64", "int3": "W3A3 INT3 g64",
         "w2a3": "W2A3 INT2/INT3 g64"}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def draw_parser(description: str, default_name: str,
+                default_settings: str = "nvfp4,int4") -> argparse.ArgumentParser:
+    """The arguments of a benchmark run once per calibration draw (here and
+    benchmarks/trajectory_errors.py): --seeds, --settings, --per-digit, --name."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--seeds", default="0,1,2", help="calibration seeds, comma-separated")
-    parser.add_argument("--settings", default="nvfp4,int4", help=f"subset of {sorted(KEYS)}")
+    parser.add_argument("--settings", default=default_settings, help=f"subset of {sorted(KEYS)}")
     parser.add_argument("--per-digit", type=int, default=5)
-    parser.add_argument("--rotate-per-image", default="auto", choices=("auto", "yes", "no"),
-                        help="permuquant_h's option rotate_per_image")
-    parser.add_argument("--name", default="calib_draws", help="results name")
+    parser.add_argument("--name", default=default_name, help="results name")
+    return parser
+
+
+def parse_draw_args(parser: argparse.ArgumentParser,
+                    argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse, then check --seeds and --settings: a bad value is named before any work."""
     args = parser.parse_args(argv)
     try:
         args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -59,6 +66,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"--settings: unknown {unknown}; choose from {sorted(KEYS)}")
     return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = draw_parser(__doc__.splitlines()[0], default_name="calib_draws")
+    parser.add_argument("--rotate-per-image", default="auto", choices=("auto", "yes", "no"),
+                        help="permuquant_h's option rotate_per_image")
+    return parse_draw_args(parser, argv)
 
 
 def configs(setting: tuple, rotate_per_image: str) -> list:
