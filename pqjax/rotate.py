@@ -226,11 +226,12 @@ def block_for(group: int | None, d_in: int, kind: str, override: int | None = No
 
 
 def candidates(
-    group: int | None, d: int, kinds: tuple[str, ...] = KINDS, max_block: int | None = None
+    group: int | None, d: int, kinds: tuple[str, ...] = KINDS, max_block: int | None = None,
+    seed: int | None = None,
 ) -> tuple[str | None, ...]:
     """Rotation candidates of a d-channel input for `permute.search(rotate=...)`: None (no
     rotation) first, then per kind every legal block b with group <= b <= min(d, max_block)
-    that divides d (no unrotated tail), smallest first.
+    that divides d (no unrotated tail), smallest first; seed: each with those random signs.
 
     group None (one group per row): the blocks from 16 up. A block larger than the group mixes
     several groups; `QuantLinear` applies every block online (XLA butterflies before the
@@ -246,7 +247,7 @@ def candidates(
         while b <= high:
             legal = kind != "regular_hadamard" or (b.bit_length() - 1) % 2 == 0
             if legal and b >= low and d % b == 0:
-                out.append(transform_name(kind, b))
+                out.append(transform_name(kind, b, seed))
             b *= 2
     return tuple(out)
 

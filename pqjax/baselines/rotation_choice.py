@@ -52,12 +52,14 @@ def rotation_candidates(config: QuantConfig, d_in: int) -> tuple[str | None, ...
     "rotations"): "search" (default) None then every legal kind and block from the group up
     (`rotate.candidates`, capped by option "max_block"); "rotated" the same without None (a
     rotation on every layer that has a legal block, its kind and block chosen); "fixed" the
-    in-group block Hadamard (`transform_for`), as before the joint choice."""
+    in-group block Hadamard (`transform_for`), as before the joint choice. Option "seed"
+    puts its random signs on every candidate."""
     mode = config.option("rotations")
     if mode == "fixed" or config.option("block") is not None:
         fixed = transform_for(config, d_in, "hadamard")
         return (fixed,) if mode == "fixed" else (None, fixed)
-    names = rotate.candidates(finest_group(config), d_in, max_block=config.option("max_block"))
+    names = rotate.candidates(finest_group(config), d_in, max_block=config.option("max_block"),
+                              seed=config.option("seed"))
     # "rotated": None stays only where no block is legal (e.g. d_in not a multiple of 16)
     return names if mode == "search" or len(names) == 1 else names[1:]
 

@@ -78,11 +78,13 @@ def plan_for(method: str, config: str, **options):
 @pytest.mark.parametrize(
     "method, options",
     [("hadamard", {}), ("permuquant_h", {"rotations": "fixed"}),
-     ("permuquant_h", {"rotations": "rotated"})],
+     ("permuquant_h", {"rotations": "rotated"}),
+     ("permuquant_h", {"rotations": "rotated", "seed": 3})],
 )
 def test_plan_is_exact_in_full_precision(method, options):
     """Absorbed orders and folded rotations compose exactly, whichever kind and block (up to
-    the layer's width, so blocks mixing groups too) the joint choice keeps."""
+    the layer's width, so blocks mixing groups too) the joint choice keeps; option "seed"
+    puts its random signs on every candidate of the joint choice, applied after the order."""
     model, _, data = tiny_flux()
     plan, targets = plan_for(method, "int4_g64", **options)
     assert set(plan.kernels) == set(targets)
@@ -93,6 +95,7 @@ def test_plan_is_exact_in_full_precision(method, options):
         print("rotations kept:", sorted(names), "sites:", sorted(plan.perms))
         assert len(names) > 1 and plan.perms  # several blocks / kinds, and absorbed orders
         assert any(rotate.parse_transform(n).block > 64 for n in names)
+        assert {rotate.parse_transform(n).seed for n in names} == {options.get("seed")}
     ref = forward(model, data[0])
     assert rel_err(forward(full_precision_model(plan, targets), data[0]), ref) <= 1e-5
 
