@@ -233,12 +233,14 @@ class QuantLinear(nnx.Module):
             return _linear_route(self)(self, x, xq=xq)  # bias and low-rank branch: epilogue
         return self.xla_forward(x)
 
-    def xla_forward(self, x: jax.Array) -> jax.Array:
+    def xla_forward(self, x: jax.Array | None, xq: formats.QTensor | None = None) -> jax.Array:
         """The rest of the forward in XLA ("xla" / "xla_packed"; the kernels' fallback).
 
-        x: the input in the layer's dtype, already multiplied by input_scale.
+        x: the input in the layer's dtype, already multiplied by input_scale. xq: x already
+        quantized in the layer's activation format (a fused norm's codes, `(..., d_in)`):
+        the product of those codes (x may then be None, without a low-rank branch).
         """
-        xq = self.quantize_input(x)
+        xq = self.quantize_input(x) if xq is None else xq.dequantize(self.dtype)
         w = self.weight().dequantize(self.dtype)  # (d_out, d_in)
         y = jnp.einsum("...k,nk->...n", xq, w, preferred_element_type=jnp.float32)
         y = y.astype(self.dtype)
