@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/calib_draws.py                     # seeds 0,1,2; ~15 min
     .venv/bin/python benchmarks/calib_draws.py --seeds 0,1 --settings nvfp4
     .venv/bin/python benchmarks/calib_draws.py --settings nvfp4 --rotate-per-image yes \
-        --name calib_draws_rotate_per_image   # permuquant_h's option, into results/<name>.*
+        --name calib_draws_rpi_yes --against calib_draws   # permuquant_h's option, against
 
 compare_methods' paired intervals are over evaluation images, for ONE calibration (the model's
 own trajectories from noise seed 0). A quantized model is one draw: a different calibration
@@ -11,8 +11,11 @@ seed gives other calibration rows, so other statistics, orders and rotations, an
 of the run shares that draw's errors. Here the same comparison runs once per calibration seed
 (the same 50 evaluation images and seeds each time): per draw, PermuQuant-H against PermuQuant
 and Hadamard (mean per-image difference and its paired 95% interval), then the mean of the
-per-draw differences over draws with its Student-t interval over draws. Writes
-benchmarks/results/<name>.{json,md} and the runs under benchmarks/results/<name>/ (--name,
+per-draw differences over draws with its Student-t interval over draws. With --against an
+earlier run's name (same seeds, its settings a superset): permuquant_h here minus
+permuquant_h there, paired per image, draw by draw (e.g. an option of permuquant_h against
+its default). Writes benchmarks/results/<name>.{json,md} (the JSON with every run's
+per-image PSNR) and the runs under benchmarks/results/<name>/seed<s>/<setting>/ (--name,
 default calib_draws).
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import sys
 from pathlib import Path
 
@@ -72,7 +76,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = draw_parser(__doc__.splitlines()[0], default_name="calib_draws")
     parser.add_argument("--rotate-per-image", default="auto", choices=("auto", "yes", "no"),
                         help="permuquant_h's option rotate_per_image")
-    return parse_draw_args(parser, argv)
+    parser.add_argument("--against", default=None,
+                        help="an earlier run's name: permuquant_h here minus there, per image")
+    args = parse_draw_args(parser, argv)
+    if args.against is not None:
+        try:
+            args.against_runs = load_per_image(args.against, args.seeds, args.settings)
+        except ValueError as e:
+            parser.error(f"--against: {e}")
+    return args
+
+
+def load_per_image(name: str, seeds: list[int], settings: list[str]) -> dict:
+    """results/<name>.json's per-image PSNR {title: {method: per seed}}, checked to hold every
+    seed and setting of this run."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist")
+    raw = json.loads(path.read_text())
+    if "per_image" not in raw:
+        raise ValueError(f"{path} holds no per-image PSNR (made before they were kept); rerun it")
+    if raw["seeds"] != seeds:
+        raise ValueError(f"{path} has seeds {raw['seeds']}, this run {seeds}")
+    missing = [k for k in settings if KEYS[k] not in raw["per_image"]]
+    if missing:
+        raise ValueError(f"{path} has no settings {missing}")
+    return raw["per_image"]
+
+
+def against_lines(name: str, option: str, seeds: list[int], here: dict, there: dict
+                  ) -> list[str]:
+    """The table of permuquant_h here minus permuquant_h in run `name`, paired per image."""
+    head = " | ".join(f"seed {s}" for s in seeds)
+    lines = [f"**permuquant_h (rotate_per_image={option}) − permuquant_h of {name}**", "",
+             f"| setting | {head} | mean over draws |", "|---|" + "---|" * (len(seeds) + 1)]
+    for title, methods in here.items():
+        per_draw = [mean_ci(np.subtract(a, b)) for a, b in
+                    zip(methods["permuquant_h"], there[title]["permuquant_h"], strict=True)]
+        mean, ci = mean_ci([d for d, _ in per_draw])
+        cells = " | ".join(f"{d:+.2f} ± {c:.2f} ({verdict(d, c, 'n.s.')})" for d, c in per_draw)
+        lines.append(f"| {title} | {cells} | {mean:+.2f} ± {ci:.2f} "
+                     f"({verdict(mean, ci, 'n.s.')}) |")
+    return [*lines, ""]
 
 
 def configs(setting: tuple, rotate_per_image: str) -> list:
@@ -92,14 +137,18 @@ def main() -> None:
     # diffs[setting][pair] -> per draw (mean, paired ci)
     diffs: dict = {s[0]: {f"{a} − {b}": [] for a, b in PAIRS} for s in settings}
     psnr: dict = {s[0]: {m: [] for m in METHODS} for s in settings}
+    per_image: dict = {s[0]: {m: [] for m in METHODS} for s in settings}
+    key = {title: k for k, title in KEYS.items()}
     for seed in args.seeds:
         calib = calibrate_pipeline(fp, n_rows=256, track_batches=64, seed=seed, progress=True)
         for setting in settings:
             runs = compare(fp, calib, configs(setting, args.rotate_per_image), spec,
-                           RESULTS / args.name / f"seed{seed}", digit_metrics=metrics)
+                           RESULTS / args.name / f"seed{seed}" / key[setting[0]],
+                           digit_metrics=metrics)
             by = {r["method"]: r for name, r in runs.items() if name != "full_precision"}
             for m in METHODS:
                 psnr[setting[0]][m].append(by[m]["psnr_vs_fp"])
+                per_image[setting[0]][m].append(by[m]["psnr_per_image"])
             for a, b in PAIRS:
                 d = np.subtract(by[a]["psnr_per_image"], by[b]["psnr_per_image"])
                 diffs[setting[0]][f"{a} − {b}"].append(mean_ci(d))
@@ -109,6 +158,7 @@ def main() -> None:
              + ("" if args.rotate_per_image == "auto"
                 else f" --rotate-per-image {args.rotate_per_image}")
              + ("" if args.name == "calib_draws" else f" --name {args.name}")
+             + ("" if args.against is None else f" --against {args.against}")
              + f"` on the embedded tiny FLUX ({len(spec.prompts)} "
              "images per run, the same evaluation seeds in every draw).", ""]
     for title, pairs in diffs.items():
@@ -125,10 +175,13 @@ def main() -> None:
             lines.append(f"| {pair} | {cells} | {mean:+.2f} ± {ci:.2f} "
                          f"({verdict(mean, ci, 'n.s.')}) |")
         lines.append("")
+    if args.against is not None:
+        lines += against_lines(args.against, args.rotate_per_image, args.seeds, per_image,
+                               args.against_runs)
     md = "\n".join(lines)
     print(md)
     write_results(args.name, {"seeds": args.seeds, "rotate_per_image": args.rotate_per_image,
-                              "psnr": psnr, "paired": {
+                              "psnr": psnr, "per_image": per_image, "paired": {
         t: {p: [{"mean": d, "ci95": c} for d, c in v] for p, v in pairs.items()}
         for t, pairs in diffs.items()}}, md)
 
