@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/calib_draws.py                     # seeds 0,1,2; ~15 min
     .venv/bin/python benchmarks/calib_draws.py --seeds 0,1 --settings nvfp4
-    .venv/bin/python benchmarks/calib_draws.py --settings nvfp4 --rotate-per-image yes \
-        --name calib_draws_rpi_yes --against calib_draws   # permuquant_h's option, against
+    .venv/bin/python benchmarks/calib_draws.py --settings nvfp4 --rotate-per-image auto \
+        --name calib_draws_rpi_auto --against calib_draws   # permuquant_h's option, against
 
 compare_methods' paired intervals are over evaluation images, for ONE calibration (the model's
 own trajectories from noise seed 0). A quantized model is one draw: a different calibration
@@ -35,6 +35,7 @@ import numpy as np
 from benchmarks.common import RESULTS, write_results
 from benchmarks.compare_methods import SETTINGS, configs_for, verdict
 from pqjax.api import calibrate_pipeline
+from pqjax.baselines.rotation_choice import JOINT_OPTIONS
 from pqjax.eval.compare import EvalSpec, compare
 from pqjax.eval.metrics import DigitMetrics, mean_ci
 from pqjax.pipelines.load import load_pipeline
@@ -74,8 +75,9 @@ def parse_draw_args(parser: argparse.ArgumentParser,
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = draw_parser(__doc__.splitlines()[0], default_name="calib_draws")
-    parser.add_argument("--rotate-per-image", default="auto", choices=("auto", "yes", "no"),
-                        help="permuquant_h's option rotate_per_image")
+    option = JOINT_OPTIONS["rotate_per_image"]
+    parser.add_argument("--rotate-per-image", default=option.default, choices=option.choices,
+                        help="permuquant_h's option rotate_per_image (default: its default)")
     parser.add_argument("--against", default=None,
                         help="an earlier run's name: permuquant_h here minus there, per image")
     args = parse_draw_args(parser, argv)
@@ -155,7 +157,7 @@ def main() -> None:
     lines = [f"Made {datetime.date.today().isoformat()} with `.venv/bin/python "
              f"benchmarks/calib_draws.py --seeds {','.join(map(str, args.seeds))} --settings "
              f"{','.join(args.settings)}"
-             + ("" if args.rotate_per_image == "auto"
+             + ("" if args.rotate_per_image == JOINT_OPTIONS["rotate_per_image"].default
                 else f" --rotate-per-image {args.rotate_per_image}")
              + ("" if args.name == "calib_draws" else f" --name {args.name}")
              + ("" if args.against is None else f" --against {args.against}")

@@ -33,18 +33,16 @@ get the rotation choice alone (order fixed). Since the candidates hold both Perm
 (None, sorted order) and Hadamard's (in-group block, identity order), on calibration rows a
 single-consumer site or unsited layer ends at most at min(RTN, PermuQuant, Hadamard); a site
 with several consumers (one rotation for all, the order is shared) at most at PermuQuant's
-summed error and at Hadamard's whenever no consumer is worse than RTN under it. With NVFP4
-activations, per-image sites (`Site.per_image`: FLUX's temb and Z-Image's adaln, one
-conditioning row per image read by every AdaLN linear) get no rotation candidate, so there
-the bound is PermuQuant's alone (`site_candidates`; option "rotate_per_image": "auto" is
-this, "yes" / "no" everywhere). An AdaLN linear's error shifts the modulation of every token
-of its image the same way, and the per-row relative error the choice minimizes does not
-predict what that does to the images: on the embedded model (2026-12-07, three calibration
-draws, 50 images each; benchmarks/calib_draws.py with --rotate-per-image yes / no) the
-rotations kept at temb lowered those layers' calibration error (NVFP4: 0.0008-0.0009 ->
-0.0005-0.0007) and changed PSNR by -0.62, -0.08 and -0.10 dB at NVFP4 but +0.47, +0.54 and
-+0.68 dB at INT4 g64, draw by draw (results/calib_draws_rpi_yes.md against calib_draws.md at
-NVFP4; calib_draws.md against calib_draws_rpi_no.md at INT4).
+summed error and at Hadamard's whenever no consumer is worse than RTN under it.
+Option "rotate_per_image" ("yes" by default; "no"; "auto": "no" with NVFP4 activations, else
+"yes") can withhold the rotation candidates at per-image sites (`Site.per_image`: FLUX's temb
+and Z-Image's adaln, one conditioning row per image read by every AdaLN linear), whose bound is
+then PermuQuant's alone. Measured on the embedded model (2026-12-07, three calibration draws,
+50 images each, paired per image; benchmarks/calib_draws.py --against): without them
+PermuQuant-H at INT4 g64 is worse in every draw (-0.57 +- 0.26 dB over draws,
+results/calib_draws_rpi_no.md); at NVFP4 "auto" is better in one draw of three (+0.63 +-
+0.26 dB, the draw of benchmarks/compare_methods.py) and not distinguishable in the others
+(results/calib_draws_rpi_auto.md). One draw is not enough to give up the bound by default.
 Accepted orders are absorbed (`permute.absorb`), then each consumer's rotation is folded into
 its permuted kernel. Layers without calibration rows stay unrotated. Option rotations="fixed"
 restores the behaviour before the joint choice (the in-group Hadamard on every layer, orders

@@ -28,9 +28,9 @@ JOINT_OPTIONS = {
     "max_block": Option((int, type(None)), None, "widest rotation block among the candidates",
                         positive=True),
     "refine": Option(int, 0, "rounds of greedy swaps between groups", nonnegative=True),
-    "rotate_per_image": Option(str, "auto", "rotation candidates at per-image sites "
-                               "(Site.per_image): 'auto' (not with NVFP4 activations), "
-                               "'yes' or 'no'", choices=("auto", "yes", "no")),
+    "rotate_per_image": Option(str, "yes", "rotation candidates at per-image sites "
+                               "(Site.per_image): 'yes', 'no', or 'auto' (not with NVFP4 "
+                               "activations)", choices=("yes", "no", "auto")),
 }
 
 
@@ -67,8 +67,8 @@ def rotation_candidates(config: QuantConfig, d_in: int) -> tuple[str | None, ...
 def site_candidates(config: QuantConfig, site: permute.Site) -> tuple[str | None, ...]:
     """`rotation_candidates` of the site, but None alone (the order alone, as PermuQuant) at a
     per-image site (`Site.per_image`) in the "search" mode where option "rotate_per_image"
-    says so: "no", or "auto" (the default) with NVFP4 activations (why, measured:
-    `pqjax.baselines.hadamard`'s docstring)."""
+    says so: "no", or "auto" with NVFP4 activations; "yes" (the default) changes nothing
+    (what each does, measured: `pqjax.baselines.hadamard`'s docstring)."""
     candidates = rotation_candidates(config, site.dim)
     mode, afmt = config.option("rotate_per_image"), config.act_format()
     nvfp4 = afmt is not None and afmt.name == "nvfp4"

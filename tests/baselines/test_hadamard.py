@@ -101,18 +101,19 @@ def test_plan_is_exact_in_full_precision(method, options):
 
 
 @pytest.mark.parametrize("config, rotate_per_image",
-                         [("nvfp4", "auto"), ("nvfp4", "yes"), ("int4_g64", "auto")])
+                         [("nvfp4", None), ("int4_g64", None), ("nvfp4", "auto")])
 def test_permuquant_h_is_never_worse_than_permuquant_or_hadamard(config, rotate_per_image):
     """Per layer on calibration rows: permuquant_h <= min(RTN, permuquant, hadamard) for
     single-consumer sites and unsited layers; for a site with several consumers (one rotation
     and one order for all) the summed error is <= permuquant's, and <= hadamard's where no
     consumer is worse than RTN under hadamard (the acceptance rule forbids such pairs).
-    With NVFP4 activations a per-image site (`Site.per_image`, the tiny FLUX's temb: every
-    AdaLN linear) gets no rotation candidate by default (option rotate_per_image "auto"), so
-    there the bound is permuquant's alone and no rotation is kept; "yes", and "auto" with INT4,
-    keep the full bound there too, and some temb rotation is then kept."""
+    By default (None: option rotate_per_image "yes") that holds at every site, the per-image
+    one too (`Site.per_image`, the tiny FLUX's temb: every AdaLN linear), where some rotation
+    is then kept. With "auto" and NVFP4 activations temb gets no rotation candidate, so there
+    the bound is permuquant's alone and no rotation is kept."""
     unrotated_per_image = rotate_per_image == "auto" and config == "nvfp4"
-    pqh, targets = plan_for("permuquant_h", config, rotate_per_image=rotate_per_image)
+    options = {} if rotate_per_image is None else {"rotate_per_image": rotate_per_image}
+    pqh, targets = plan_for("permuquant_h", config, **options)
     pq, _ = plan_for("permuquant", config)
     had, _ = plan_for("hadamard", config)
     per_image = {s.name for s in model_sites(tiny_flux()[0], None) if s.per_image}

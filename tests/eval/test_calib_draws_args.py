@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.calib_draws import KEYS, parse_args
-from benchmarks.compare_methods import SETTINGS
+from benchmarks.compare_methods import SETTINGS, configs_for
 
 
 def test_every_setting_key_names_a_compare_methods_setting():
@@ -31,12 +31,14 @@ def test_defaults():
 def test_the_option_reaches_permuquant_h_only():
     from benchmarks.calib_draws import configs
 
-    out = configs(SETTINGS[0], "yes")
+    out = configs(SETTINGS[0], "auto")
     assert [c.method for c in out] == ["permuquant", "hadamard", "permuquant_h"]
     for c in out:
-        want = "yes" if c.method == "permuquant_h" else None
+        want = "auto" if c.method == "permuquant_h" else None
         assert dict(c.options).get("rotate_per_image") == want, c
-    assert out[2].option("rotate_per_image") == "yes"
+    assert out[2].option("rotate_per_image") == "auto"
+    assert parse_args([]).rotate_per_image == configs_for(SETTINGS[0], ["permuquant_h"])[
+        0].option("rotate_per_image")  # the benchmark's default is the method's
     with pytest.raises(SystemExit):
         parse_args(["--rotate-per-image", "sometimes"])
 
