@@ -52,11 +52,15 @@ def parse_args(argv: list[str] | None = None):
     return args
 
 
+def norms(x: np.ndarray) -> np.ndarray:
+    """Per image ||x|| over every axis but the first, in float64."""
+    x = np.asarray(x, np.float64)
+    return np.linalg.norm(x.reshape(len(x), -1), axis=1)
+
+
 def relative(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per image ||a - b|| / ||b|| over every axis but the first."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    n = len(b)
-    return np.linalg.norm((a - b).reshape(n, -1), axis=1) / np.linalg.norm(b.reshape(n, -1), axis=1)
+    return norms(np.asarray(a, np.float64) - np.asarray(b, np.float64)) / norms(b)
 
 
 class Reference:
@@ -64,7 +68,6 @@ class Reference:
     inputs and velocities, the step sizes, the final latents and the images."""
 
     def __init__(self, fp, spec):
-        import jax
         from flax import nnx
 
         self.prompts = list(spec.prompts)
@@ -75,8 +78,7 @@ class Reference:
         tokens = self.batches[0]["hidden_states"].shape[1]
         sigmas = np.asarray(fp.scheduler.sigmas(len(self.batches), image_seq_len=tokens))
         self.dt = np.diff(sigmas)[: len(self.batches)]
-        self.latents = np.asarray(jax.block_until_ready(
-            fp.sample_latents(self.prompts, seed=spec.seed)))
+        self.latents = np.asarray(fp.sample_latents(self.prompts, seed=spec.seed))
         self.images = np.asarray(fp.decoder.decode(self.latents))
 
     def errors(self, q) -> dict[str, float]:
@@ -90,8 +92,7 @@ class Reference:
             drift = drift + dt * (vq - v)
         latents = np.asarray(q.sample_latents(self.prompts, seed=self.seed))
         images = np.asarray(q.decoder.decode(latents))
-        open_loop = (np.linalg.norm(drift.reshape(len(drift), -1), axis=1)
-                     / np.linalg.norm(self.latents.reshape(len(drift), -1), axis=1))
+        open_loop = norms(drift) / norms(self.latents)
         return {"one_step": float(np.mean(one)), "open_loop": float(open_loop.mean()),
                 "closed_loop": float(relative(latents, self.latents).mean()),
                 "psnr": float(psnr_per_image(images, self.images).mean())}
@@ -121,9 +122,9 @@ def tables(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    from pqjax.eval.plots import _pyplot
+    from pqjax.eval.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     titles = list(dict.fromkeys(r["setting"] for r in rows))
     fig, axes = plt.subplots(1, len(titles), figsize=(5 * len(titles), 4.2), squeeze=False)
     for ax, title in zip(axes[0], titles):

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,7 +23,7 @@ def layer_error_bars(
     layers: Sequence[dict[str, Any]], path: str | Path, title: str, method: str = "method"
 ) -> Path:
     """Grouped bars of each layer's relative output error: RTN against `method` (log scale)."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = [r for r in layers if "err_rtn" in r and "err" in r]
     names = [r["layer"] for r in rows]
     rtn = np.array([r["err_rtn"] for r in rows])
@@ -58,7 +59,7 @@ def image_grid(
 ) -> Path:
     """Save a PNG grid: one row per entry of `rows` (name -> images `(n, h, w)` or `(n, h, w, 3)`
     in [0, 1]); columns share seeds. Row names are drawn on the left."""
-    plt = _pyplot()
+    plt = pyplot()
     n_rows = len(rows)
     n_cols = max(len(v) for v in rows.values())
     fig, axes = plt.subplots(
@@ -120,7 +121,7 @@ def figure_png(fig, dpi: int = 110) -> bytes:
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return buf.getvalue()
 
 
@@ -149,7 +150,7 @@ def block_of(name: str) -> str:
 def layer_ratio_plot(layers: Sequence[dict[str, Any]], method: str, baseline: str = "RTN") -> bytes:
     """err / err_rtn of every layer in model order (log scale), accepted sites marked, with
     block boundaries: readable from 40 to ~500 layers (FLUX.1-dev)."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = [r for r in layers if r.get("err_rtn") and "err" in r]
     ratio = np.array([r["err"] / r["err_rtn"] for r in rows])
     acc = np.array([bool(r.get("accepted")) for r in rows])
@@ -195,7 +196,7 @@ def group_ranges(absmax: np.ndarray, perm: np.ndarray | None, group: int) -> np.
 def channel_range_plot(absmax: np.ndarray, perm: np.ndarray, group: int, title: str) -> bytes:
     """Bars per quantization group: dynamic range of the channels' absmax in the original order
     against the permuted order (log scale); the loud channel sets the group's scale."""
-    plt = _pyplot()
+    plt = pyplot()
     before, after = group_ranges(absmax, None, group), group_ranges(absmax, perm, group)
     x = np.arange(len(before))
     fig, ax = plt.subplots(figsize=(6.6, 2.9))
