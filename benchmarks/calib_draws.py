@@ -115,11 +115,16 @@ def against_lines(name: str, option: str, seeds: list[int], here: dict, there: d
     for title, methods in here.items():
         per_draw = [mean_ci(np.subtract(a, b)) for a, b in
                     zip(methods["permuquant_h"], there[title]["permuquant_h"], strict=True)]
-        mean, ci = mean_ci([d for d, _ in per_draw])
-        cells = " | ".join(f"{d:+.2f} ± {c:.2f} ({verdict(d, c, 'n.s.')})" for d, c in per_draw)
-        lines.append(f"| {title} | {cells} | {mean:+.2f} ± {ci:.2f} "
-                     f"({verdict(mean, ci, 'n.s.')}) |")
+        lines.append(draws_row(title, per_draw))
     return [*lines, ""]
+
+
+def draws_row(label: str, per_draw: list[tuple[float, float]]) -> str:
+    """A table row: per draw the paired difference (mean, half-width) and its verdict, then
+    their mean over draws with its Student-t interval."""
+    mean, ci = mean_ci([d for d, _ in per_draw])
+    cells = " | ".join(f"{d:+.2f} ± {c:.2f} ({verdict(d, c, 'n.s.')})" for d, c in per_draw)
+    return f"| {label} | {cells} | {mean:+.2f} ± {ci:.2f} ({verdict(mean, ci, 'n.s.')}) |"
 
 
 def configs(setting: tuple, rotate_per_image: str) -> list:
@@ -172,10 +177,7 @@ def main() -> None:
         lines += ["", f"| paired difference (dB) | {head} | mean over draws |",
                   "|---|" + "---|" * (len(args.seeds) + 1)]
         for pair, per_draw in pairs.items():
-            mean, ci = mean_ci([d for d, _ in per_draw])
-            cells = " | ".join(f"{d:+.2f} ± {c:.2f} ({verdict(d, c, 'n.s.')})" for d, c in per_draw)
-            lines.append(f"| {pair} | {cells} | {mean:+.2f} ± {ci:.2f} "
-                         f"({verdict(mean, ci, 'n.s.')}) |")
+            lines.append(draws_row(pair, per_draw))
         lines.append("")
     if args.against is not None:
         lines += against_lines(args.against, args.rotate_per_image, args.seeds, per_image,
