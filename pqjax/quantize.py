@@ -239,7 +239,8 @@ def apply_plan(plan: Plan, calib: Calibration, config: QuantConfig, targets: lis
                 q.global_scale[...] = qt.global_scale
             if qt.zero_point is not None:
                 q.zero_point[...] = qt.zero_point
-        unknown = set(extras) - {"low_rank", "input_scale", "input_transform", "act_amax"}
+        unknown = set(extras) - {"low_rank", "input_scale", "input_transform", "act_amax",
+                                 "bias_correction"}
         if unknown:
             raise ValueError(f"{config.method}: unknown extras {sorted(unknown)} for {path}")
         if "low_rank" in extras:
@@ -248,6 +249,13 @@ def apply_plan(plan: Plan, calib: Calibration, config: QuantConfig, targets: lis
         if "input_scale" in extras:
             q.input_scale = QuantState(jnp.asarray(extras["input_scale"], q.dtype))
         q.input_transform = extras.get("input_transform")
+        if "bias_correction" in extras:  # the layer's mean output error on calibration rows
+            if q.bias is None:
+                raise ValueError(f"{config.method}: a bias correction for {path}, which has "
+                                 "no bias")
+            bias = q.bias[...]
+            q.bias[...] = (bias.astype(jnp.float32)
+                           - jnp.asarray(extras["bias_correction"], jnp.float32)).astype(bias.dtype)
         bad = q.nonfinite_state()
         if bad:  # one NaN scale or bias makes every output of the model NaN
             raise ValueError(f"{path}: the quantized layer's {', '.join(bad)} hold NaN or Inf")

@@ -78,6 +78,7 @@ import numpy as np
 from flax import nnx
 
 from pqjax import permute, rotate
+from pqjax.baselines.bias_correction import mean_output_error
 from pqjax.baselines.rotation_choice import (
     JOINT_OPTIONS,
     ROTATION_OPTIONS,
@@ -89,6 +90,7 @@ from pqjax.baselines.smooth_search import best_smoothed, smoothed, smoothed_sear
 from pqjax.baselines.smoothing import absorb_scales
 from pqjax.calibrate import Calibration
 from pqjax.methods import Option, Plan, kernel_of, model_sites, register_method, rtn_errors
+from pqjax.models.paths import module_at
 
 if TYPE_CHECKING:
     from pqjax.quantize import QuantConfig
@@ -365,6 +367,7 @@ def joint_plan(
                               perms, site_list=sites)
     rtn = rtn_errors(model, calib, config, targets)
     plan = Plan(model=absorbed, sites=site_rows, perms=perms)
+    correct = bool(config.option("bias_correction"))
     for path in targets:
         name, row = rotations.get(path), layer_rows.get(path)
         site = None if row is None else row["site"] or path  # an unsited layer: its own scale
@@ -377,8 +380,34 @@ def joint_plan(
             kernel = rotate.fold_into_kernel(name, kernel)
             growth = amax_growth(calib, path, name, perms.get(site), scale)
             extras.update(input_transform=name, **rotated_act_amax(calib, path, growth, scale))
+        if extras:  # the kernel changed (a scale or rotation folded in)
+            plan.kernels[path] = kernel
+        if correct and path in calib and module_at(absorbed, path).bias is not None:
+            extras["bias_correction"] = layer_bias_correction(
+                absorbed, calib, config, path, kernel, extras, perms.get(site),
+                scale if site in folded else None)
         if extras:
-            plan.kernels[path], plan.extras[path] = kernel, extras
+            plan.extras[path] = extras
         if row is not None and path in rtn:
             plan.layers[path] = {"err_rtn": rtn[path], **row, "act_amax_growth": growth}
     return plan
+
+
+def layer_bias_correction(
+    absorbed: nnx.Module, calib: Calibration, config: QuantConfig, path: str,
+    kernel: jax.Array, extras: dict[str, Any], perm: np.ndarray | None,
+    folded_scale: np.ndarray | None,
+) -> np.ndarray:
+    """The (d_out,) mean output error of the layer at `path` as `pqjax.quantize.apply_plan`
+    deploys it (replacement `kernel`, `extras`), on its calibration rows as the absorbed model
+    feeds them: divided by the site's folded scale, in the site's order `perm`."""
+    rows = jnp.asarray(calib[path].rows, jnp.float32)
+    if folded_scale is not None:
+        rows = rows / jnp.asarray(folded_scale, jnp.float32)
+    if perm is not None:
+        rows = rows[:, jnp.asarray(perm)]
+    return mean_output_error(
+        module_at(absorbed, path), rows, weights=config.weight_format(),
+        acts=config.act_format(), act_amax=extras.get("act_amax", jnp.max(calib[path].absmax)),
+        kernel=kernel, input_transform=extras.get("input_transform"),
+        input_scale=extras.get("input_scale"))

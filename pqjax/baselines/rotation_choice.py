@@ -28,6 +28,9 @@ JOINT_OPTIONS = {
     "max_block": Option((int, type(None)), None, "widest rotation block among the candidates",
                         positive=True),
     "refine": Option(int, 0, "rounds of greedy swaps between groups", nonnegative=True),
+    "bias_correction": Option(bool, True, "subtract each quantized layer's mean output error "
+                              "on its calibration rows from its bias (see "
+                              "pqjax.baselines.bias_correction)"),
     "rotate_per_image": Option(str, "yes", "rotation candidates at per-image sites "
                                "(Site.per_image): 'yes', 'no', or 'auto' (not with NVFP4 "
                                "activations)", choices=("yes", "no", "auto")),

@@ -81,11 +81,12 @@ class TransformedLinear(nnx.Module):
 
 
 def full_precision_model(plan: Plan, targets: list[str]) -> nnx.Module:
-    """The Plan's model with its replacement kernels and online transforms, no quantizer."""
+    """The Plan's model with its replacement kernels and online transforms, no quantizer
+    (a bias correction is the quantized layer's and is left out)."""
     model = nnx.clone(plan.model)
     for path in targets:
         extras = plan.extras.get(path, {})
-        assert set(extras) <= {"input_transform", "act_amax"}, extras
+        assert set(extras) <= {"input_transform", "act_amax", "bias_correction"}, extras
         lin = module_at(model, path)
         if path in plan.kernels:
             lin.kernel.set_value(jnp.asarray(plan.kernels[path], lin.kernel[...].dtype))
