@@ -48,7 +48,9 @@ class Plan:
     "input_transform": name} for the QuantLinear (see `pqjax.layers.QuantLinear`), and
     "act_amax": the calibrated absmax of what the activation quantizer reads, where the method
     changes it beyond a range-keeping scale (a rotation: `max |x T|`); the static NVFP4
-    activation global scale is derived from it (default: the calibrated input's absmax).
+    activation global scale is derived from it (default: the calibrated input's absmax), and
+    "bias_correction": `(d_out,)` subtracted from the quantized layer's bias (its mean output
+    error on calibration rows; `pqjax.baselines.bias_correction`), not part of `model`.
     layers: Linear path -> report fields (err_rtn, err, accepted, criterion, site, ...).
     sites: site name -> report fields. perms: site name -> the absorbed order `(dim,)`.
     """

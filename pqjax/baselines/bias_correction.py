@@ -16,7 +16,7 @@ stays exact), only the quantized layer's output mean moves.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +24,13 @@ import numpy as np
 from flax import nnx
 
 from pqjax import formats
+from pqjax.calibrate import Calibration
 from pqjax.layers import QuantLinear, QuantState
 from pqjax.models.layers import Linear
+from pqjax.models.paths import module_at
+
+if TYPE_CHECKING:
+    from pqjax.quantize import QuantConfig
 
 
 @nnx.jit  # the transform name is static module state: one program per transform and shape
@@ -58,3 +63,23 @@ def mean_output_error(
     q.input_transform = input_transform
     x = jnp.asarray(rows, lin.kernel[...].dtype)
     return np.asarray(_mean_error(q, lin, x), np.float32)
+
+
+def layer_bias_correction(
+    absorbed: nnx.Module, calib: Calibration, config: QuantConfig, path: str,
+    kernel: jax.Array, extras: dict[str, Any], perm: np.ndarray | None,
+    folded_scale: np.ndarray | None,
+) -> np.ndarray:
+    """The (d_out,) mean output error of the layer at `path` as `pqjax.quantize.apply_plan`
+    deploys it (replacement `kernel`, `extras`), on its calibration rows as the absorbed model
+    feeds them: divided by the site's folded scale, in the site's order `perm`."""
+    rows = jnp.asarray(calib[path].rows, jnp.float32)
+    if folded_scale is not None:
+        rows = rows / jnp.asarray(folded_scale, jnp.float32)
+    if perm is not None:
+        rows = rows[:, jnp.asarray(perm)]
+    return mean_output_error(
+        module_at(absorbed, path), rows, weights=config.weight_format(),
+        acts=config.act_format(), act_amax=extras.get("act_amax", jnp.max(calib[path].absmax)),
+        kernel=kernel, input_transform=extras.get("input_transform"),
+        input_scale=extras.get("input_scale"))

@@ -42,11 +42,19 @@ then PermuQuant's alone. Measured on the embedded model (2026-12-07, three calib
 PermuQuant-H at INT4 g64 is worse in every draw (-0.57 +- 0.26 dB over draws,
 results/calib_draws_rpi_no.md); at NVFP4 "auto" is better in one draw of three (+0.63 +-
 0.26 dB, the draw of benchmarks/compare_methods.py) and not distinguishable in the others
-(results/calib_draws_rpi_auto.md). One draw is not enough to give up the bound by default.
+(results/calib_draws_rpi_auto.md; both before the bias correction below). One draw is not
+enough to give up the bound by default.
 Accepted orders are absorbed (`permute.absorb`), then each consumer's rotation is folded into
-its permuted kernel. Layers without calibration rows stay unrotated. Option rotations="fixed"
-restores the behaviour before the joint choice (the in-group Hadamard on every layer, orders
-compared under it).
+its permuted kernel. Option "bias_correction" (default on; permuquant_hr and -hs too): each
+quantized layer's mean output error on its calibration rows, as deployed, is subtracted from
+its bias (`pqjax.baselines.bias_correction`, Plan extras; the plan's model stays exact). The
+choice minimizes the per-row error, but the sampling loop does not damp the part every token
+shares: on the embedded model at NVFP4 PermuQuant-H's final latent error was 17% one
+image-wide offset (2% for PermuQuant) and 1 dB below PermuQuant; the correction gains
+PermuQuant-H +1.4 to +2.8 dB over three calibration draws, PermuQuant +0.6 to +0.75
+(benchmarks/coherent_error.py). Layers without calibration rows stay unrotated. Option
+rotations="fixed" restores the behaviour before the joint choice (the in-group Hadamard on
+every layer, orders compared under it).
 
 Blocks larger than the group mix groups; every block is deployable because `QuantLinear`
 (and the Pallas dispatch, `pqjax.backends.dispatch`) applies the transform online in XLA
@@ -78,7 +86,7 @@ import numpy as np
 from flax import nnx
 
 from pqjax import permute, rotate
-from pqjax.baselines.bias_correction import mean_output_error
+from pqjax.baselines.bias_correction import layer_bias_correction
 from pqjax.baselines.rotation_choice import (
     JOINT_OPTIONS,
     ROTATION_OPTIONS,
@@ -391,23 +399,3 @@ def joint_plan(
         if row is not None and path in rtn:
             plan.layers[path] = {"err_rtn": rtn[path], **row, "act_amax_growth": growth}
     return plan
-
-
-def layer_bias_correction(
-    absorbed: nnx.Module, calib: Calibration, config: QuantConfig, path: str,
-    kernel: jax.Array, extras: dict[str, Any], perm: np.ndarray | None,
-    folded_scale: np.ndarray | None,
-) -> np.ndarray:
-    """The (d_out,) mean output error of the layer at `path` as `pqjax.quantize.apply_plan`
-    deploys it (replacement `kernel`, `extras`), on its calibration rows as the absorbed model
-    feeds them: divided by the site's folded scale, in the site's order `perm`."""
-    rows = jnp.asarray(calib[path].rows, jnp.float32)
-    if folded_scale is not None:
-        rows = rows / jnp.asarray(folded_scale, jnp.float32)
-    if perm is not None:
-        rows = rows[:, jnp.asarray(perm)]
-    return mean_output_error(
-        module_at(absorbed, path), rows, weights=config.weight_format(),
-        acts=config.act_format(), act_amax=extras.get("act_amax", jnp.max(calib[path].absmax)),
-        kernel=kernel, input_transform=extras.get("input_transform"),
-        input_scale=extras.get("input_scale"))
