@@ -38,6 +38,7 @@ from pqjax.api import calibrate_pipeline
 from pqjax.baselines.rotation_choice import JOINT_OPTIONS
 from pqjax.eval.compare import EvalSpec, compare
 from pqjax.eval.metrics import DigitMetrics, mean_ci
+from pqjax.methods import method_names
 from pqjax.pipelines.load import load_pipeline
 
 METHODS = ("permuquant", "hadamard", "permuquant_h")
@@ -46,15 +47,18 @@ KEYS = {"nvfp4": "W4A4 NVFP4", "int4": "W4A4 INT4 g64", "int3": "W3A3 INT3 g64",
         "w2a3": "W2A3 INT2/INT3 g64"}
 
 
-def draw_parser(description: str, default_name: str,
-                default_settings: str = "nvfp4,int4") -> argparse.ArgumentParser:
-    """The arguments of a benchmark run once per calibration draw (here and
-    benchmarks/trajectory_errors.py): --seeds, --settings, --per-digit, --name."""
+def draw_parser(description: str, default_name: str, default_settings: str = "nvfp4,int4",
+                methods: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+    """The arguments of a benchmark run once per calibration draw (here,
+    benchmarks/trajectory_errors.py and benchmarks/coherent_error.py): --seeds, --settings,
+    --per-digit, --name, and with `methods` (its default) --methods."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--seeds", default="0,1,2", help="calibration seeds, comma-separated")
     parser.add_argument("--settings", default=default_settings, help=f"subset of {sorted(KEYS)}")
     parser.add_argument("--per-digit", type=int, default=5)
     parser.add_argument("--name", default=default_name, help="results name")
+    if methods is not None:
+        parser.add_argument("--methods", default=",".join(methods), help="comma-separated")
     return parser
 
 
@@ -70,6 +74,11 @@ def parse_draw_args(parser: argparse.ArgumentParser,
     unknown = sorted(set(args.settings) - set(KEYS))
     if unknown:
         parser.error(f"--settings: unknown {unknown}; choose from {sorted(KEYS)}")
+    if hasattr(args, "methods"):
+        args.methods = args.methods.split(",")
+        unknown = sorted(set(args.methods) - set(method_names()))
+        if unknown:
+            parser.error(f"--methods: unknown {unknown}; choose from {sorted(method_names())}")
     return args
 
 

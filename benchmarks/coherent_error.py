@@ -40,20 +40,14 @@ from benchmarks.calib_draws import KEYS, draw_parser, parse_draw_args
 from benchmarks.common import write_results
 from benchmarks.compare_methods import SETTINGS, configs_for
 from benchmarks.trajectory_errors import norms, relative
-from pqjax.methods import method_names
 
 METHODS = ("rtn", "permuquant", "hadamard", "permuquant_h")
 
 
 def parse_args(argv: list[str] | None = None):
     parser = draw_parser(__doc__.splitlines()[0], default_name="coherent_error",
-                         default_settings="nvfp4,int4")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
+                         methods=METHODS)
     args = parse_draw_args(parser, argv)
-    args.methods = args.methods.split(",")
-    unknown = sorted(set(args.methods) - set(method_names()))
-    if unknown:
-        parser.error(f"--methods: unknown {unknown}; choose from {sorted(method_names())}")
     if "permuquant" not in args.methods:
         parser.error("--methods: needs permuquant (the pairs are against it)")
     return args

@@ -35,21 +35,15 @@ import numpy as np
 from benchmarks.calib_draws import KEYS, draw_parser, parse_draw_args
 from benchmarks.common import RESULTS, write_results
 from benchmarks.compare_methods import SETTINGS, configs_for
-from pqjax.methods import method_names
 
 METHODS = ("rtn", "permuquant", "hadamard", "permuquant_h", "permuquant_hs")
 ERRORS = ("layer", "one_step", "open_loop", "closed_loop")
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = draw_parser(__doc__.splitlines()[0], default_name="trajectory_errors")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
-    args = parse_draw_args(parser, argv)
-    args.methods = args.methods.split(",")
-    unknown = sorted(set(args.methods) - set(method_names()))
-    if unknown:
-        parser.error(f"--methods: unknown {unknown}; choose from {sorted(method_names())}")
-    return args
+    parser = draw_parser(__doc__.splitlines()[0], default_name="trajectory_errors",
+                         methods=METHODS)
+    return parse_draw_args(parser, argv)
 
 
 def norms(x: np.ndarray) -> np.ndarray:
